@@ -1,0 +1,3 @@
+"""OPLoRA reproduction pipeline: adaptation methods, SVD cache, diagnostics and export."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""How much an adapter's update touches the dominant singular subspace of the ORIGINAL weights.
+
+For each adapted matrix W (m×n) with update ΔW (the effective update against the original W, so
+W_res + s·B A − W for base-mutating methods) and top singular triples (u_i, σ_i, v_i) of W:
+
+- rho[k]            = ‖U_kᵀ ΔW‖²_F / ‖ΔW‖²_F                      (the paper's ρ_k, figure 2a)
+- preservation_error[k] = max_{i≤k} |u_iᵀ (W+ΔW) v_i − u_iᵀ W v_i| / σ_1   (shift of each preserved σ_i)
+- triple_error[k]  = max_{i≤k} max(‖ΔW v_i‖, ‖ΔWᵀ u_i‖) / σ_1   (how far (u_i, σ_i, v_i) stops being
+                     a singular triple of W+ΔW)
+- delta_v_ratio[k] = ‖ΔW V_k‖_F / ‖ΔW‖_F
+
+Everything is computed in float64; the report also aggregates each quantity over modules.
+
+    python -m oplora.diagnose BASE ADAPTER --k 8 16 32 64 128 [--out report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from oplora.methods.base import ADAPTER, lora_layers
+from oplora.io import atomic_write_text
+from oplora.svd import SVDCache
+
+PREFIX = "base_model.model."
+
+
+def rho(delta: torch.Tensor, U: torch.Tensor, ks: list[int]) -> dict[int, float]:
+    d = delta.double()
+    energy = torch.cumsum(((U.double().T @ d) ** 2).sum(dim=1), dim=0)  # ‖U_jᵀΔW‖² for j = 1..K
+    total = (d**2).sum()
+    return {k: float(energy[k - 1] / total) if total > 0 else 0.0 for k in ks}
+
+
+def diagnose_matrix(W: torch.Tensor, delta: torch.Tensor, ks: list[int], svd: SVDCache, name: str = "") -> dict:
+    ks = [k for k in ks if k < min(W.shape)]
+    if not ks:
+        return {"shape": list(W.shape), "note": f"every requested k is >= min{tuple(W.shape)}"}
+    U, S, V, _ = svd.top(W, max(ks), name)
+    U, V, d = U.double(), V.double(), delta.double().to(U.device)
+    sigma_1, norm = float(S[0]), float(torch.linalg.matrix_norm(d))
+    dV, dTU = d @ V, d.T @ U
+    shift = torch.cummax((U * dV).sum(0).abs(), dim=0).values / sigma_1  # max over i ≤ j, for every j
+    triple = torch.cummax(torch.maximum(dV.norm(dim=0), dTU.norm(dim=0)), dim=0).values / sigma_1
+    leak = torch.cumsum((dV**2).sum(0), dim=0).sqrt() / norm if norm > 0 else torch.zeros_like(shift)
+    per_k = lambda values: {str(k): float(values[k - 1]) for k in ks}  # noqa: E731
+    return {
+        "shape": list(W.shape),
+        "sigma_1": sigma_1,
+        "delta_norm": norm,
+        "rho": {str(k): v for k, v in rho(d, U, ks).items()},
+        "preservation_error": per_k(shift),
+        "triple_error": per_k(triple),
+        "delta_v_ratio": per_k(leak),
+    }
+
+
+def diagnose(original: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], ks: list[int],
+             svd: SVDCache | None = None) -> dict:
+    """Per-module diagnostics and their aggregate over modules (mean and max of each, per k)."""
+    svd = svd or SVDCache.default()
+    modules = {name: diagnose_matrix(original[name], deltas[name], ks, svd, name)
+               for name in tqdm(sorted(deltas), desc="diagnose", unit="matrix")}
+    aggregate = {}
+    for key in ("rho", "preservation_error", "triple_error", "delta_v_ratio"):
+        for k in map(str, ks):
+            values = [m[key][k] for m in modules.values() if k in m.get(key, {})]
+            if values:
+                aggregate.setdefault(f"{key}_mean", {})[k] = sum(values) / len(values)
+                aggregate.setdefault(f"{key}_max", {})[k] = max(values)
+    return {"ks": ks, "aggregate": aggregate, "modules": modules}
+
+
+def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
+    """ΔW = s·B A (float64) of every module of a saved plain PEFT LoRA adapter."""
+    adapter = Path(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{adapter}: only plain LoRA adapters (no DoRA, rank or alpha patterns) are supported")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (r**0.5 if config.get("use_rslora") else r)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    deltas = {}
+    for key, A in tensors.items():
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0].removeprefix(PREFIX)
+            B = tensors[key.replace(".lora_A.", ".lora_B.")]
+            delta = scaling * (B.double() @ A.double())
+            deltas[module] = delta.T if config.get("fan_in_fan_out") else delta
+    if not deltas:
+        raise ValueError(f"{adapter}: adapter_model.safetensors holds no LoRA weights")
+    return deltas
+
+
+def model_deltas(model, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Effective updates W_base + s·B A − W_original of an in-memory PEFT model (any method)."""
+    with torch.no_grad():
+        return {name: layer.base_layer.weight.double() + layer.get_delta_weight(ADAPTER).double()
+                - original[name].double().to(layer.base_layer.weight.device)
+                for name, layer in lora_layers(model)}
+
+
+def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), read from safetensors."""
+    path = Path(base)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(base), allow_patterns=["*.safetensors", "*.json"]))
+    wanted, found = {f"{n}.weight": n for n in names}, {}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no *.safetensors weights")
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in set(f.keys()) & wanted.keys():
+                found[wanted[key]] = f.get_tensor(key)
+    missing = sorted(set(names) - found.keys())
+    if missing:
+        raise KeyError(f"{path}: no weights for adapted modules {missing[:3]}{'…' if len(missing) > 3 else ''}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m oplora.diagnose", description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="base model directory or hub id (the ORIGINAL weights)")
+    parser.add_argument("adapter", help="plain PEFT LoRA adapter directory")
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--out", help="write the JSON report here instead of stdout")
+    parser.add_argument("--svd-mode", default="exact", choices=["exact", "randomized"])
+    parser.add_argument("--cache", help="SVD cache root (default: $OPLORA_CACHE or ~/.cache/oplora)")
+    args = parser.parse_args(argv)
+    deltas = adapter_deltas(args.adapter)
+    original = base_weights(args.base, list(deltas))
+    report = diagnose(original, deltas, sorted(set(args.k)), SVDCache(args.cache, mode=args.svd_mode))
+    report.update(base=str(args.base), adapter=str(args.adapter))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

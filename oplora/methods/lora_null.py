@@ -1,0 +1,55 @@
+"""LoRA-Null: A, B from W projected onto the null space of calibration activations.
+
+U_null holds the eigenvectors of the r smallest eigenvalues of C = Σ XᵀX (n×r). The top-r SVD of
+W_null = W U_null U_nullᵀ comes from the small m×r matrix W U_null = P Σ Qᵀ: W_null = P Σ (U_null Q)ᵀ.
+A, B are set from it as PiSSA does from W and the base becomes W − s·B A. v1 trains A and B,
+v2 freezes A.
+"""
+
+import logging
+
+import torch
+
+from oplora import calibration
+from oplora.methods.base import ADAPTER, Method, absorb_svd_part, lora_layers, register
+
+log = logging.getLogger(__name__)
+VERSIONS = ("v1", "v2")
+
+
+def null_space_part(W: torch.Tensor, cov: torch.Tensor, r: int):
+    """(U, S, V) of the top-r SVD of W U_null U_nullᵀ, in float64."""
+    _, vectors = torch.linalg.eigh(cov.double())  # ascending eigenvalues
+    null = vectors[:, :r]
+    P, S, Qh = torch.linalg.svd(W.double() @ null, full_matrices=False)
+    return P, S, null @ Qh.T
+
+
+@register
+class LoRANull(Method):
+    name = "lora_null"
+    mutates_base = True
+
+    def check(self, settings, shapes):
+        if settings.null_version not in VERSIONS:
+            raise ValueError(f"unknown LoRA-Null version {settings.null_version!r}; valid versions: {', '.join(VERSIONS)}")
+        source = settings.calibration.source
+        if not source:
+            raise ValueError("lora_null needs calibration data: set calibration.source to a local text or jsonl file")
+        calibration.read_documents(source, settings.calibration.field)  # names the file if missing or empty
+
+    def initialize(self, model, settings, svd, tokenizer=None):
+        if tokenizer is None:
+            raise ValueError("lora_null needs the model's tokenizer to tokenize its calibration data")
+        cal = settings.calibration
+        docs = calibration.read_documents(cal.source, cal.field)
+        batches = calibration.windows(tokenizer, docs, cal.n_samples, cal.seq_len, cal.seed)
+        log.info("LoRA-Null calibration: %d windows of %d tokens from %s (sha256 %s)",
+                 len(batches), batches.shape[1], cal.source, calibration.source_digest(cal.source))
+        layers = dict(lora_layers(model))
+        covs = calibration.covariances(model, {n: l.base_layer for n, l in layers.items()}, batches)
+        for name, layer in layers.items():
+            U, S, V = null_space_part(layer.base_layer.weight, covs.pop(name), settings.r)
+            absorb_svd_part(layer, U, S, V)
+            if settings.null_version == "v2":
+                layer.lora_A[ADAPTER].weight.requires_grad_(False)

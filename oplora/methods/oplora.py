@@ -1,0 +1,72 @@
+"""OPLoRA-k: ΔW = s·P_L B A P_R with P_L = I − U_k U_kᵀ, P_R = I − V_k V_kᵀ from the frozen W.
+
+The projections act on the two small factors (B' = B − U_k(U_kᵀB), A' = A − (A V_k)V_kᵀ) through
+`torch.nn.utils.parametrize`, so PEFT's forward, dropout, scaling, merge and unmerge see B', A'
+and work unchanged, autograd gives the gradients of the paper's formulation, and no d×d matrix is
+formed. U_k, V_k are float32 buffers and the projection runs in float32 whatever the model dtype.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from oplora.methods.base import ADAPTER, Method, lora_layers, register
+
+
+class Orthogonalize(nn.Module):
+    """Remove from a LoRA factor its component in the span of a frozen orthonormal basis Q."""
+
+    def __init__(self, basis: torch.Tensor, side: str):
+        super().__init__()
+        self.side = side  # "left": B (m×r) → B − Q(QᵀB);  "right": A (r×n) → A − (A Q)Qᵀ
+        self.register_buffer("basis", basis.float().contiguous(), persistent=False)
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        X, Q = X.float(), self.basis
+        return X - Q @ (Q.T @ X) if self.side == "left" else X - (X @ Q) @ Q.T
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.project(X).to(X.dtype)
+
+
+def is_projected(layer) -> bool:
+    return parametrize.is_parametrized(layer.lora_A[ADAPTER], "weight")
+
+
+def projected_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') in float32, computed from the trained raw factors."""
+    factors = []
+    for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+        raw = module.parametrizations.weight.original
+        factors.append(module.parametrizations.weight[0].project(raw.detach()))
+    return factors[0], factors[1]
+
+
+def per_token_delta(x: torch.Tensor, A, B, U, V, scaling: float) -> torch.Tensor:
+    """The paper's sequential form, x ← x − V(Vᵀx); x ← BAx; x ← x − U(Uᵀx), applied to every token.
+
+    The reference that tests and benchmarks compare the factor form against.
+    """
+    x = x - (x @ V) @ V.T
+    y = (x @ A.T) @ B.T
+    return scaling * (y - (y @ U) @ U.T)
+
+
+@register
+class OPLoRA(Method):
+    name = "oplora"
+
+    def check(self, settings, shapes):
+        k = settings.k
+        if k is None or k < 1:
+            raise ValueError(f"oplora needs a projection rank k >= 1 (the paper uses 16 or 128), got {k}")
+        for name, (m, n) in shapes.items():
+            if k >= min(m, n):
+                raise ValueError(f"projection rank k={k} must be below min(m, n)={min(m, n)} of {name} ({m}×{n})")
+
+    def initialize(self, model, settings, svd, tokenizer=None):
+        for name, layer in tqdm(list(lora_layers(model)), desc=f"oplora-{settings.k} init", unit="matrix"):
+            top = svd.top(layer.base_layer.weight, settings.k, name)
+            for module, basis, side in ((layer.lora_A[ADAPTER], top.V, "right"), (layer.lora_B[ADAPTER], top.U, "left")):
+                parametrize.register_parametrization(module, "weight", Orthogonalize(basis.to(module.weight.device), side))

@@ -1,0 +1,141 @@
+"""Singular triples of frozen weights, computed once per matrix and cached on disk.
+
+An entry is keyed by the matrix's content (shape, dtype and bytes), so every method and every
+projection rank that needs the same matrix reads the same file: PiSSA and both OPLoRA ranks share
+the top triples, MiLoRA the bottom ones. Exact mode runs one full SVD in float64 and keeps both
+ends; randomized mode (`torch.svd_lowrank`) keeps the top and records its residual. Files are
+safetensors, written atomically under a per-entry lock so that concurrent builders agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import xxhash
+from filelock import FileLock
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+MODES = ("exact", "randomized")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPLORA_CACHE", Path.home() / ".cache" / "oplora"))
+
+
+class Triples(NamedTuple):
+    U: torch.Tensor  # m×k, float32
+    S: torch.Tensor  # k, float32
+    V: torch.Tensor  # n×k, float32
+    residual: float  # max_i max(‖W v_i − σ_i u_i‖, ‖Wᵀu_i − σ_i v_i‖) / σ_1 of the cached top triples
+
+
+def matrix_key(W: torch.Tensor) -> str:
+    data = W.detach().contiguous().cpu().view(torch.uint8).numpy()
+    digest = xxhash.xxh3_128_hexdigest(data.tobytes())
+    return f"{W.shape[0]}x{W.shape[1]}-{str(W.dtype).removeprefix('torch.')}-{digest}"
+
+
+def triple_residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> float:
+    W64, U64, S64, V64 = W.double(), U.double(), S.double(), V.double()
+    right = torch.linalg.vector_norm(W64 @ V64 - U64 * S64, dim=0)
+    left = torch.linalg.vector_norm(W64.T @ U64 - V64 * S64, dim=0)
+    return float(torch.maximum(right, left).max() / torch.linalg.matrix_norm(W64, ord=2))
+
+
+class SVDCache:
+    """Top/bottom singular triples of weight matrices, cached under `root/svd/`."""
+
+    def __init__(self, root: str | Path | None = None, mode: str = "exact", min_rank: int = 128,
+                 oversample: int = 32, niter: int = 6):
+        if mode not in MODES:
+            raise ValueError(f"unknown SVD mode {mode!r}; valid modes: {', '.join(MODES)}")
+        self.dir = Path(root or cache_root()) / "svd"
+        self.mode, self.min_rank, self.oversample, self.niter = mode, min_rank, oversample, niter
+
+    @classmethod
+    def default(cls) -> "SVDCache":
+        return cls()
+
+    def top(self, W: torch.Tensor, k: int, name: str = "") -> Triples:
+        entry = self._entry(W, top=k, bottom=0, name=name)
+        return Triples(entry["U_top"][:, :k], entry["S_top"][:k], entry["V_top"][:, :k], entry["residual"])
+
+    def bottom(self, W: torch.Tensor, r: int, name: str = "") -> Triples:
+        """The r smallest singular triples, ordered largest first (as MiLoRA uses them)."""
+        entry = self._entry(W, top=0, bottom=r, name=name)
+        return Triples(entry["U_bot"][:, -r:], entry["S_bot"][-r:], entry["V_bot"][:, -r:], 0.0)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _entry(self, W: torch.Tensor, top: int, bottom: int, name: str) -> dict:
+        rank = min(W.shape)
+        if max(top, bottom) > rank:
+            raise ValueError(f"{name or 'matrix'} {tuple(W.shape)} has only {rank} singular triples")
+        path = self.dir / f"{matrix_key(W)}-{self.mode}.safetensors"
+        entry = self._load(path, W.device)
+        if not self._covers(entry, top, bottom):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):
+                entry = self._load(path, W.device)  # another process may have written it meanwhile
+                if not self._covers(entry, top, bottom):
+                    have_top, have_bottom = (entry["top"], entry["bottom"]) if entry else (0, 0)
+                    entry = self._compute(W, max(top, have_top), max(bottom, have_bottom), name)
+                    self._save(path, entry)
+        return entry
+
+    @staticmethod
+    def _covers(entry: dict | None, top: int, bottom: int) -> bool:
+        return entry is not None and entry["top"] >= top and entry["bottom"] >= bottom
+
+    def _compute(self, W: torch.Tensor, top: int, bottom: int, name: str) -> dict:
+        rank = min(W.shape)
+        top = min(rank, max(top, self.min_rank)) if top else 0
+        start = time.perf_counter()
+        W64 = W.detach().double()
+        if self.mode == "exact" or bottom:
+            U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
+            V = Vh.T
+            bottom = min(rank, max(bottom, self.min_rank))
+            top = top or min(rank, self.min_rank)
+        else:
+            q = min(rank, top + self.oversample)
+            U, S, V = torch.svd_lowrank(W64, q=q, niter=self.niter)
+        seconds = time.perf_counter() - start
+        residual = triple_residual(W64, U[:, :top], S[:top], V[:, :top])
+        if self.mode == "randomized":
+            log.info("randomized SVD of %s: top-%d residual %.2e (%.2fs)", name, top, residual, seconds)
+        f32 = lambda t: t.float().contiguous()  # noqa: E731
+        entry = {"U_top": f32(U[:, :top]), "S_top": f32(S[:top]), "V_top": f32(V[:, :top]),
+                 "top": top, "bottom": bottom,
+                 "residual": residual, "seconds": seconds, "name": name}
+        if bottom:
+            entry.update(U_bot=f32(U[:, -bottom:]), S_bot=f32(S[-bottom:]), V_bot=f32(V[:, -bottom:]))
+        return entry
+
+    @staticmethod
+    def _save(path: Path, entry: dict) -> None:
+        tensors = {k: v.cpu() for k, v in entry.items() if isinstance(v, torch.Tensor)}
+        meta = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata={"oplora": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _load(path: Path, device: torch.device) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            entry = load_file(path, device=str(device))
+            with safe_open(path, "pt") as f:
+                entry.update(json.loads(f.metadata()["oplora"]))
+            return entry
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+            log.warning("ignoring unreadable SVD cache file %s (%s); recomputing", path, err)
+            return None
