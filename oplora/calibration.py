@@ -23,10 +23,12 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".json", ".jsonl"):
         try:
-            records = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+            lines = [line for line in text.splitlines() if line.strip()]
+            records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in lines]
             docs = [str(r[field]) for r in records]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"calibration source {path}: cannot read field {field!r} from every record ({err})") from err
+            raise ValueError(f"calibration source {path}: cannot read field {field!r} from every record "
+                             f"({err})") from err
     else:
         docs = [d.strip() for d in text.split("\n\n")]
     docs = [d for d in docs if d]
@@ -49,7 +51,8 @@ def windows(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int)
 
 
 @torch.no_grad()
-def covariances(model: torch.nn.Module, layers: dict[str, torch.nn.Module], batches: torch.Tensor) -> dict[str, torch.Tensor]:
+def covariances(model: torch.nn.Module, layers: dict[str, torch.nn.Module],
+                batches: torch.Tensor) -> dict[str, torch.Tensor]:
     """C = Σ_windows (X/|max X|)ᵀ(X/|max X|) of every layer's input, float32, on the layer's device."""
     covs: dict[str, torch.Tensor] = {}
 

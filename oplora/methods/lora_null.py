@@ -32,7 +32,8 @@ class LoRANull(Method):
 
     def check(self, settings, shapes):
         if settings.null_version not in VERSIONS:
-            raise ValueError(f"unknown LoRA-Null version {settings.null_version!r}; valid versions: {', '.join(VERSIONS)}")
+            raise ValueError(f"unknown LoRA-Null version {settings.null_version!r}; "
+                             f"valid versions: {', '.join(VERSIONS)}")
         source = settings.calibration.source
         if not source:
             raise ValueError("lora_null needs calibration data: set calibration.source to a local text or jsonl file")
@@ -47,7 +48,7 @@ class LoRANull(Method):
         log.info("LoRA-Null calibration: %d windows of %d tokens from %s (sha256 %s)",
                  len(batches), batches.shape[1], cal.source, calibration.source_digest(cal.source))
         layers = dict(lora_layers(model))
-        covs = calibration.covariances(model, {n: l.base_layer for n, l in layers.items()}, batches)
+        covs = calibration.covariances(model, {n: layer.base_layer for n, layer in layers.items()}, batches)
         for name, layer in layers.items():
             U, S, V = null_space_part(layer.base_layer.weight, covs.pop(name), settings.r)
             absorb_svd_part(layer, U, S, V)

@@ -63,10 +63,13 @@ class OPLoRA(Method):
             raise ValueError(f"oplora needs a projection rank k >= 1 (the paper uses 16 or 128), got {k}")
         for name, (m, n) in shapes.items():
             if k >= min(m, n):
-                raise ValueError(f"projection rank k={k} must be below min(m, n)={min(m, n)} of {name} ({m}×{n})")
+                raise ValueError(f"projection rank k={k} must be below min(m, n)={min(m, n)} of {name} "
+                                 f"({m}×{n})")
 
     def initialize(self, model, settings, svd, tokenizer=None):
         for name, layer in tqdm(list(lora_layers(model)), desc=f"oplora-{settings.k} init", unit="matrix"):
             top = svd.top(layer.base_layer.weight, settings.k, name)
-            for module, basis, side in ((layer.lora_A[ADAPTER], top.V, "right"), (layer.lora_B[ADAPTER], top.U, "left")):
-                parametrize.register_parametrization(module, "weight", Orthogonalize(basis.to(module.weight.device), side))
+            for module, basis, side in ((layer.lora_A[ADAPTER], top.V, "right"),
+                                        (layer.lora_B[ADAPTER], top.U, "left")):
+                projection = Orthogonalize(basis.to(module.weight.device), side)
+                parametrize.register_parametrization(module, "weight", projection)

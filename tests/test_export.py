@@ -1,0 +1,85 @@
+"""Export to plain PEFT adapters on the original base, merge, and the diagnose command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from helpers import adapt, load, logits, rel, settings, train
+from oplora.diagnose import adapter_deltas, diagnose
+from oplora.export import export_adapter, merge, save_initial
+from oplora.methods import get_method
+from test_methods import ALL, IDS
+
+
+def trained_and_exported(directory, method, extra, svd, calibration_file, tmp_path, dtype=torch.float32):
+    s = settings(method, calibration_file, **extra)
+    original, model = adapt(directory, s, svd, dtype=dtype)
+    initial = save_initial(model, tmp_path / "initial_adapter") if get_method(method).mutates_base else None
+    train(model, steps=8, lr=1e-3)
+    return original, model, export_adapter(model, tmp_path / "adapter", initial)
+
+
+@pytest.mark.parametrize("method,extra", ALL, ids=IDS)
+def test_vanilla_peft_reproduces_trained_model(tiny_dirs, arch, svd, calibration_file, tmp_path, method, extra):
+    _, model, adapter = trained_and_exported(tiny_dirs[arch], method, extra, svd, calibration_file, tmp_path)
+    vanilla = PeftModel.from_pretrained(load(tiny_dirs[arch]), str(adapter)).eval()
+    assert rel(logits(vanilla), logits(model)) <= 1e-4
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == (16 if get_method(method).mutates_base else 8)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert not any("parametrizations" in key for key in tensors)
+
+
+def test_exported_oplora_loads_in_a_process_without_oplora(tiny_dirs, svd, calibration_file, tmp_path):
+    _, model, adapter = trained_and_exported(tiny_dirs["qwen2"], "oplora", {"k": 8}, svd, calibration_file, tmp_path)
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained({str(tiny_dirs["qwen2"])!r})
+model = PeftModel.from_pretrained(base, {str(adapter)!r}).eval()
+ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, {str(tmp_path / "vanilla.pt")!r})
+assert not any(m.startswith("oplora") for m in sys.modules), "vanilla PEFT must not need oplora"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    assert rel(torch.load(tmp_path / "vanilla.pt", weights_only=True), logits(model)) <= 1e-4
+
+
+def test_merged_model_equals_adapted_model(tiny_dirs, svd, calibration_file, tmp_path):
+    _, model, adapter = trained_and_exported(tiny_dirs["qwen2"], "pissa", {}, svd, calibration_file, tmp_path)
+    merged = merge(tiny_dirs["qwen2"], adapter, tmp_path / "merged")
+    assert not (merged / "adapter_config.json").exists()
+    assert rel(logits(load(merged)), logits(model)) <= 1e-4
+
+
+def test_oplora_bf16_export_is_exact_in_fp32(tiny_dirs, svd, calibration_file, tmp_path):
+    original, _, adapter = trained_and_exported(tiny_dirs["llama"], "oplora", {"k": 8}, svd, calibration_file,
+                                                tmp_path, dtype=torch.bfloat16)
+    report = diagnose(original, adapter_deltas(adapter), [8], svd)
+    assert report["aggregate"]["rho_max"]["8"] <= 1e-10
+    assert report["aggregate"]["preservation_error_max"]["8"] <= 1e-6
+    assert report["aggregate"]["triple_error_max"]["8"] <= 1e-6
+
+
+def test_diagnose_cli_separates_lora_from_oplora(tiny_dirs, svd, calibration_file, tmp_path):
+    base = tiny_dirs["llama"]
+    reports = {}
+    for method, extra in [("lora", {}), ("oplora", {"k": 16})]:
+        _, _, adapter = trained_and_exported(base, method, extra, svd, calibration_file, tmp_path / method)
+        out = tmp_path / f"{method}.json"
+        subprocess.run([sys.executable, "-m", "oplora.diagnose", str(base), str(adapter), "--k", "8", "16",
+                        "--out", str(out), "--cache", str(svd.dir.parent)], check=True)
+        reports[method] = json.loads(out.read_text())
+    assert reports["lora"]["aggregate"]["rho_mean"]["16"] > 1e-3
+    assert reports["oplora"]["aggregate"]["rho_max"]["16"] <= 1e-10
+    assert reports["oplora"]["aggregate"]["rho_max"]["8"] <= 1e-10
+    assert set(reports["oplora"]["modules"]) == set(reports["lora"]["modules"])
+    assert len(reports["lora"]["modules"]) == 2 * 5  # 2 layers × 5 target modules

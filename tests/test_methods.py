@@ -1,0 +1,147 @@
+"""The six methods on tiny random Llama and Qwen2 models: init, SVD subspaces, null space, OPLoRA guarantees."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.nn.utils import parametrize
+
+from helpers import adapt, load, logits, rel, settings, train
+from oplora.diagnose import diagnose, model_deltas
+from oplora.methods import get_method, methods
+from oplora.methods.base import ADAPTER, lora_layers
+from oplora.methods.oplora import per_token_delta
+
+ALL = [("lora", {}), ("pissa", {}), ("milora", {}), ("lora_null", {}), ("lora_null", {"null_version": "v2"}),
+       ("oplora", {"k": 8}), ("oplora", {"k": 16})]
+IDS = ["lora", "pissa", "milora", "lora_null_v1", "lora_null_v2", "oplora8", "oplora16"]
+
+
+def test_registry_lists_the_five_methods():
+    assert methods() == ["lora", "lora_null", "milora", "oplora", "pissa"]
+    with pytest.raises(ValueError, match="valid methods: lora, lora_null, milora, oplora, pissa"):
+        get_method("dora")
+
+
+@pytest.mark.parametrize("method,extra", ALL, ids=IDS)
+def test_init_logits_equal_base(tiny_dirs, arch, svd, calibration_file, method, extra):
+    reference = logits(load(tiny_dirs[arch]))
+    _, model = adapt(tiny_dirs[arch], settings(method, calibration_file, **extra), svd)
+    assert rel(logits(model), reference) <= 1e-5
+
+
+def projector(M: torch.Tensor) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(M.double())
+    return Q @ Q.T
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_svd_methods_split_w_exactly_and_span_their_subspace(tiny_dirs, arch, svd, method):
+    original, model = adapt(tiny_dirs[arch], settings(method), svd)
+    for name, layer in lora_layers(model):
+        W, s = original[name].double(), layer.scaling[ADAPTER]
+        A, B = layer.lora_A[ADAPTER].weight.double(), layer.lora_B[ADAPTER].weight.double()
+        W_res = layer.base_layer.weight.double()
+        assert torch.allclose(W_res + s * B @ A, W, atol=1e-6 * W.abs().max())
+        U, S, Vh = torch.linalg.svd(W)
+        r = A.shape[0]
+        sel = slice(0, r) if method == "pissa" else slice(min(W.shape) - r, min(W.shape))
+        assert torch.allclose(projector(B), projector(U[:, sel]), atol=1e-5), name
+        assert torch.allclose(projector(A.T), projector(Vh[sel].T), atol=1e-5), name
+        assert torch.allclose(s * B @ A, U[:, sel] @ torch.diag(S[sel]) @ Vh[sel], atol=1e-5)
+
+
+def test_pissa_matches_peft_builtin(tiny_dirs, svd):
+    """Our cached-SVD PiSSA and PEFT's own init_lora_weights='pissa' give the same W_res and s·B A."""
+    _, ours = adapt(tiny_dirs["llama"], settings("pissa"), svd)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"],
+                     init_lora_weights="pissa")
+    theirs = dict(lora_layers(get_peft_model(load(tiny_dirs["llama"]), cfg)))
+    for name, layer in lora_layers(ours):
+        other = theirs[name]
+        assert torch.allclose(layer.base_layer.weight, other.base_layer.weight, atol=1e-5)
+        assert torch.allclose(layer.get_delta_weight(ADAPTER), other.get_delta_weight(ADAPTER), atol=1e-5)
+
+
+def test_lora_null_rows_of_a_lie_in_the_activation_null_space(tiny_dirs, arch, svd, calibration_file):
+    from transformers import AutoTokenizer
+
+    from oplora import calibration
+
+    s = settings("lora_null", calibration_file)
+    _, model = adapt(tiny_dirs[arch], s, svd)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[arch])
+    batches = calibration.windows(tokenizer, calibration.read_documents(calibration_file), 6, 48, 233)
+    layers = dict(lora_layers(model))
+    # adapters stay on: W_res + s·B A = W, so each layer sees the original model's activations
+    covs = calibration.covariances(model, {n: layer.base_layer for n, layer in layers.items()}, batches)
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        A = layer.lora_A[ADAPTER].weight.double()
+        A_random = torch.randn(A.shape, generator=g, dtype=torch.float64)
+        A_random *= A.norm() / A_random.norm()
+        C = covs[name].double()
+        # trace(M C Mᵀ) = ‖M Xᵀ‖² summed over every (normalised) calibration token
+        assert torch.trace(A @ C @ A.T) < 1e-3 * torch.trace(A_random @ C @ A_random.T), name
+
+
+def test_lora_null_v2_freezes_a(tiny_dirs, svd, calibration_file):
+    _, model = adapt(tiny_dirs["llama"], settings("lora_null", calibration_file, null_version="v2"), svd)
+    for _, layer in lora_layers(model):
+        assert not layer.lora_A[ADAPTER].weight.requires_grad
+        assert layer.lora_B[ADAPTER].weight.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_oplora_preserves_top_k_after_training(tiny_dirs, arch, svd, dtype):
+    k = 8
+    original, model = adapt(tiny_dirs[arch], settings("oplora", k=k), svd, dtype=dtype)
+    train(model, steps=20, lr=1e-3)
+    report = diagnose(original, model_deltas(model, original), [k], svd)
+    for name, m in report["modules"].items():
+        assert m["delta_norm"] > 0, name  # it did learn something
+        assert m["rho"][str(k)] <= 1e-10, name
+        assert m["preservation_error"][str(k)] <= 1e-6, name
+        if dtype == torch.float32:  # a bf16 model adds bf16-rounded B'A' to W; the fp32 export is checked elsewhere
+            assert m["triple_error"][str(k)] <= 1e-6, name
+
+
+def test_oplora_gradients_match_per_token_formulation(tiny_dirs, svd):
+    """Autograd through the factor projections = gradients of the paper's per-token sequential form."""
+    _, model = adapt(tiny_dirs["qwen2"], settings("oplora", k=8), svd)
+    name, layer = next(iter(lora_layers(model)))
+    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    with torch.no_grad():  # non-zero B so that both gradients are informative
+        lora_B.parametrizations.weight.original.normal_(0, 0.1)
+    U = lora_B.parametrizations.weight[0].basis
+    V = lora_A.parametrizations.weight[0].basis
+    x = torch.randn(3, 5, lora_A.in_features, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(3, 5, lora_B.out_features, generator=torch.Generator().manual_seed(1))
+
+    ours = ((lora_B(lora_A(x)) * layer.scaling[ADAPTER] - target) ** 2).sum()
+    ours.backward()
+    A_raw, B_raw = lora_A.parametrizations.weight.original, lora_B.parametrizations.weight.original
+    grads = A_raw.grad.clone(), B_raw.grad.clone()
+
+    A, B = A_raw.detach().clone().requires_grad_(), B_raw.detach().clone().requires_grad_()
+    paper = ((per_token_delta(x, A, B, U, V, layer.scaling[ADAPTER]) - target) ** 2).sum()
+    paper.backward()
+    assert torch.allclose(ours, paper, rtol=1e-5)
+    assert rel(grads[0], A.grad) <= 1e-5 and rel(grads[1], B.grad) <= 1e-5  # float32 rounding only
+
+
+def test_oplora_keeps_base_weights_and_forms_no_square_matrix(tiny_dirs, svd):
+    original, model = adapt(tiny_dirs["llama"], settings("oplora", k=8), svd)
+    train(model, steps=3)
+    for name, layer in lora_layers(model):
+        assert torch.equal(layer.base_layer.weight, original[name])
+        for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+            assert parametrize.is_parametrized(module, "weight")
+            basis = module.parametrizations.weight[0].basis
+            assert basis.dtype == torch.float32 and basis.shape[1] == 8
+
+
+def test_oplora_bf16_projection_runs_in_fp32(tiny_dirs, svd):
+    _, model = adapt(tiny_dirs["llama"], settings("oplora", k=8), svd, dtype=torch.bfloat16)
+    _, layer = next(iter(lora_layers(model)))
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A[ADAPTER].parametrizations.weight[0].basis.dtype == torch.float32
