@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements/lock.txt pyproject.toml | 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed compiles its CPU communication op once (about a minute) and reuses it from here
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/oplora/torch_extensions
 
 .PHONY: install test bench lock clean
 

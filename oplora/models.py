@@ -88,3 +88,15 @@ def tiny_dir(arch: str, seed: int = 0) -> Path:
         tokenizer.save_pretrained(out)
 
     return materialise(f"tiny-{arch}-{seed}", make)
+
+
+def resolve(path: str) -> str:
+    """A model directory for `oplora:NAME` (materialised offline) or the path / hub id unchanged."""
+    if not path.startswith("oplora:"):
+        return path
+    name = path.removeprefix("oplora:")
+    builders = {"smollm2-135m-instruct": smollm2_dir, "tiny-llama": lambda: tiny_dir("llama"),
+                "tiny-qwen2": lambda: tiny_dir("qwen2")}
+    if name not in builders:
+        raise ValueError(f"unknown built-in model {path!r}; valid: {', '.join('oplora:' + b for b in builders)}")
+    return str(builders[name]())

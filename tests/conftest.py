@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,3 +41,28 @@ def tiny_dirs():
 @pytest.fixture(scope="session")
 def smollm2():
     return smollm2_dir()
+
+
+RECORDS = {  # one real-schema record per training set (SPEC §2); the tests vary the numbers
+    "commonsense170k": lambda i: {
+        "instruction": f"Please choose the correct answer to the question: Which is heavier, {i} kg of iron or "
+                       f"{i + 1} kg of feathers?\n\nAnswer1: iron Answer2: feathers\n\nAnswer format: answer1/answer2",
+        "input": "", "output": "the correct answer is answer2", "answer": "answer2"},
+    "metamath100k": lambda i: {
+        "type": "GSM_Rephrased", "query": f"What is {i} plus {2 * i}?", "original_question": "",
+        "response": f"{i} plus {2 * i} is {3 * i}.\nThe answer is: {3 * i}"},
+    "codefeedback": lambda i: {
+        "query": f"Write a Python function that returns {i} times its argument.",
+        "answer": f"```python\ndef times_{i}(x):\n    return {i} * x\n```"},
+}
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    """{data config name: local jsonl path} with 48 records in each dataset's real schema."""
+    root = tmp_path_factory.mktemp("data")
+    paths = {}
+    for name, record in RECORDS.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(record(i)) + "\n" for i in range(48)))
+    return paths

@@ -1,6 +1,10 @@
 """Plain helpers shared by the tests (fixtures live in conftest.py)."""
 
+from pathlib import Path
+
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.methods import AdapterSettings, CalibrationSettings, build
@@ -50,3 +54,12 @@ def logits(model, seed: int = 1) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def compose(*overrides: str):
+    """The training config as `python -m oplora.train OVERRIDES…` would resolve it."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))

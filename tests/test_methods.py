@@ -140,8 +140,12 @@ def test_oplora_keeps_base_weights_and_forms_no_square_matrix(tiny_dirs, svd):
             assert basis.dtype == torch.float32 and basis.shape[1] == 8
 
 
-def test_oplora_bf16_projection_runs_in_fp32(tiny_dirs, svd):
-    _, model = adapt(tiny_dirs["llama"], settings("oplora", k=8), svd, dtype=torch.bfloat16)
+def test_oplora_bases_survive_a_bf16_cast(tiny_dirs, svd):
+    """model.to(bfloat16), as DeepSpeed's bf16 engine does, must not round U_k, V_k."""
+    _, model = adapt(tiny_dirs["llama"], settings("oplora", k=8), svd)
     _, layer = next(iter(lora_layers(model)))
-    assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert layer.lora_A[ADAPTER].parametrizations.weight[0].basis.dtype == torch.float32
+    before = layer.lora_A[ADAPTER].parametrizations.weight[0].basis.clone()
+    model.to(torch.bfloat16)
+    after = layer.lora_A[ADAPTER].parametrizations.weight[0].basis
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A[ADAPTER].weight.dtype == torch.bfloat16
+    assert after.dtype == torch.float32 and torch.equal(after, before)

@@ -3,7 +3,7 @@
 The projections act on the two small factors (B' = B − U_k(U_kᵀB), A' = A − (A V_k)V_kᵀ) through
 `torch.nn.utils.parametrize`, so PEFT's forward, dropout, scaling, merge and unmerge see B', A'
 and work unchanged, autograd gives the gradients of the paper's formulation, and no d×d matrix is
-formed. U_k, V_k are float32 buffers and the projection runs in float32 whatever the model dtype.
+formed. U_k, V_k stay float32 and the projection runs in float32 whatever the model dtype.
 """
 
 import torch
@@ -20,9 +20,13 @@ class Orthogonalize(nn.Module):
     def __init__(self, basis: torch.Tensor, side: str):
         super().__init__()
         self.side = side  # "left": B (m×r) → B − Q(QᵀB);  "right": A (r×n) → A − (A Q)Qᵀ
-        self.register_buffer("basis", basis.float().contiguous(), persistent=False)
+        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` and DeepSpeed's bf16 cast must
+        # not round it, and it stays out of checkpoints. It follows the factor's device lazily.
+        self.basis = basis.float().contiguous()
 
     def project(self, X: torch.Tensor) -> torch.Tensor:
+        if self.basis.device != X.device:
+            self.basis = self.basis.to(X.device)
         X, Q = X.float(), self.basis
         return X - Q @ (Q.T @ X) if self.side == "left" else X - (X @ Q) @ Q.T
 

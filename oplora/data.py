@@ -1,0 +1,85 @@
+"""Instruction data: hub ids or local json/jsonl, the Alpaca prompt, prompt tokens masked from the loss.
+
+A record becomes `PROMPT.format(query=…)` followed by the response and EOS; labels are -100 on the
+prompt so that only the response is learned (as PiSSA, MiLoRA and LoRA-Null train). Which record
+fields fill the query and the response is a format string in the data config. Tokenized datasets
+are cached on disk by a hash of everything that decides their content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import string
+from pathlib import Path
+
+import datasets
+
+log = logging.getLogger(__name__)
+
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{query}\n\n### Response:"
+)
+IGNORE = -100
+
+
+def load_records(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
+    """A hub dataset id or a local .json/.jsonl file; `limit` keeps the first rows."""
+    local = Path(path)
+    if local.suffix in (".json", ".jsonl"):
+        if not local.is_file():
+            raise FileNotFoundError(f"data file {local} does not exist")
+        try:
+            records = datasets.load_dataset("json", data_files={split: str(local)}, split=split)
+        except Exception as err:  # datasets wraps parser errors in several types
+            raise ValueError(f"data file {local} is not valid json/jsonl: {err}") from err
+    else:
+        records = datasets.load_dataset(path, split=split)
+    if len(records) == 0:
+        raise ValueError(f"data {path} ({split}) is empty")
+    if limit:
+        records = records.select(range(min(limit, len(records))))
+    return records
+
+
+def fields_of(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def check_fields(records: datasets.Dataset, path: str, *templates: str) -> None:
+    missing = sorted({f for t in templates for f in fields_of(t)} - set(records.column_names))
+    if missing:
+        raise ValueError(f"data {path} has no field(s) {missing}; its fields are {records.column_names}")
+
+
+def encode(record: dict, tokenizer, query: str, response: str, max_length: int) -> dict:
+    prompt = PROMPT.format(query=query.format(**record))
+    prompt_ids = tokenizer(prompt).input_ids
+    response_ids = tokenizer(response.format(**record), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels, "truncated": len(prompt_ids) + len(response_ids) > max_length}
+
+
+def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
+    """The training set of a data config, tokenized (cached), with fully masked examples dropped."""
+    records = load_records(cfg.path, cfg.split, cfg.limit)
+    check_fields(records, cfg.path, cfg.query, cfg.response)
+    key = json.dumps([cfg.path, cfg.split, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
+                      tokenizer.name_or_path, len(tokenizer), records._fingerprint], sort_keys=True)
+    cache = cache_dir / "data" / f"{cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,
+                                                 max_length=cfg.max_length),
+                          remove_columns=records.column_names, cache_file_name=str(cache), desc="tokenize")
+    kept = encoded.filter(lambda labels: any(t != IGNORE for t in labels), input_columns="labels",
+                          cache_file_name=str(cache.with_suffix(".kept.arrow")), desc="drop fully masked")
+    truncated, dropped = sum(encoded["truncated"]), len(encoded) - len(kept)
+    log.info("data %s: %d examples, %d truncated to %d tokens, %d dropped (prompt fills max_length)",
+             cfg.path, len(kept), truncated, cfg.max_length, dropped)
+    if len(kept) == 0:
+        raise ValueError(f"data {cfg.path}: every example's labels are masked (the prompt fills "
+                         f"max_length={cfg.max_length}); raise data.max_length")
+    return kept.remove_columns("truncated")

@@ -1,0 +1,52 @@
+"""What every result carries: the resolved config, its hash, package versions and the git commit."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that decide where or how a run is reported, not what it computes.
+NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra")
+PACKAGES = ("torch", "transformers", "peft", "datasets", "deepspeed", "lm_eval", "evalplus", "hydra-core", "oplora")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    content = {k: v for k, v in resolved(cfg).items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance() -> dict:
+    return {"versions": versions(), "git_commit": git_commit(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,96 @@
+"""Hydra composition: every experiment × model × method resolves; bad choices and values are refused."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import errors as oc_errors
+
+from helpers import compose
+from oplora.record import config_hash
+from oplora.train import adapter_settings, check_config, training_arguments
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
+PAPER = {"table2": ("llama2-7b", "commonsense170k", 32, 2e-4), "table3": ("qwen2.5-7b", "commonsense170k", 32, 2e-4),
+         "table4": ("llama2-7b", "metamath100k", 64, 3e-4), "table5": ("qwen2.5-7b", "metamath100k", 64, 3e-4),
+         "table6": ("llama2-7b", "codefeedback", 32, 2e-4), "table7": ("qwen2.5-7b", "codefeedback", 32, 2e-4)}
+
+
+def test_the_paper_grid_is_configured():
+    assert set(PAPER) <= set(EXPERIMENTS)
+    assert METHODS == ["lora", "lora_null", "milora", "oplora128", "oplora16", "pissa"]
+    assert {"llama2-7b", "qwen2.5-7b", "smollm2-135m", "tiny-llama", "tiny-qwen2"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER))
+def test_experiments_match_table_8(experiment):
+    cfg = compose(f"experiment={experiment}")
+    model, data, r, lr = PAPER[experiment]
+    t = cfg.train
+    assert (cfg.model.name, cfg.data.name, t.lora_r, t.lora_alpha, t.lr) == (model, data, r, r, lr)
+    assert (t.batch_size, t.epochs, t.lora_dropout, t.warmup_ratio, t.weight_decay) == (32, 1, 0.05, 0.03, 0.0)
+    assert cfg.train.scheduler == "cosine" and cfg.deepspeed.config.zero_optimization.stage == 2
+    assert cfg.model.target_modules == ["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"]
+    assert cfg.data.limit == (100000 if data == "metamath100k" else None)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_experiment_model_method_resolves(experiment, model, tmp_path):
+    hashes = set()
+    for method in METHODS:
+        extra = [f"method.calibration.source={tmp_path / 'nq.txt'}"] if method == "lora_null" else []
+        cfg = compose(f"experiment={experiment}", f"model={model}", f"method={method}", *extra)
+        check_config(cfg)
+        settings = adapter_settings(cfg)
+        assert settings.r == cfg.train.lora_r and settings.target_modules == tuple(cfg.model.target_modules)
+        assert settings.k == {"oplora16": 16, "oplora128": 128}.get(method)
+        assert str(cfg.output_dir).endswith(f"{model}/{cfg.data.name}/{cfg.method.label}/seed42")
+        hashes.add(config_hash(cfg))
+    assert len(hashes) == len(METHODS)
+
+
+def test_effective_batch_is_derived(tmp_path):
+    cfg = compose("model=tiny-llama", "train.micro_batch_size=4", "deepspeed=none", f"output_dir={tmp_path}")
+    args = training_arguments(cfg, tmp_path, [])
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
+    assert args.warmup_steps == 0.03 and args.lr_scheduler_type.value == "cosine" and not args.bf16
+    with pytest.raises(ValueError, match="batch_size=32 is not a multiple of micro_batch_size × world_size = 5 × 1"):
+        training_arguments(compose("train.micro_batch_size=5"), tmp_path, [])
+
+
+def test_hash_ignores_where_a_run_is_written_not_what_it_computes():
+    base = config_hash(compose())
+    assert config_hash(compose("output_dir=/elsewhere", "force=true", "wandb=disabled")) == base
+    assert config_hash(compose("train.lr=1e-4")) != base
+    assert config_hash(compose("seed=1")) != base
+
+
+def test_unknown_group_choice_lists_the_valid_ones():
+    with pytest.raises(ConfigCompositionException, match=r"(?s)method/dora.*Available options.*oplora16"):
+        compose("method=dora")
+    with pytest.raises(ConfigCompositionException, match=r"(?s)model/gpt2.*Available options.*llama2-7b"):
+        compose("model=gpt2")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("svd_mode=lanczos", "svd_mode='lanczos' is not valid; choose one of exact, randomized"),
+    ("train.scheduler=step", "train.scheduler='step' is not valid; choose one of linear, cosine"),
+    ("model.dtype=int8", "model.dtype='int8' is not valid; choose one of float32, bfloat16, float16"),
+    ("train.lr=-1", r"train.lr=-1 must be a positive number"),
+    ("train.lr=fast", r"train.lr='fast' must be a positive number"),
+    ("train.lora_dropout=1.5", r"lora_dropout and train.warmup_ratio must lie in \[0, 1\)"),
+])
+def test_bad_values_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(compose(override))
+
+
+def test_unknown_method_name_and_missing_calibration():
+    with pytest.raises(ValueError, match="unknown method 'dora'; valid methods"):
+        adapter_settings(compose("method.name=dora"))
+    with pytest.raises(oc_errors.MissingMandatoryValue, match="calibration.source"):
+        adapter_settings(compose("method=lora_null"))

@@ -1,0 +1,156 @@
+"""Real training runs on tiny models: every method, DeepSpeed ZeRO-2 with 1 and 2 processes, resume, W&B."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from helpers import compose, load, logits, rel
+from oplora.train import train
+from oplora.wandb_log import read_run
+
+METHODS = ["lora", "pissa", "milora", "lora_null", "oplora16", "oplora128"]
+
+
+def overrides(data_files, calibration_file, out, method="oplora16", model="tiny-llama", *extra):
+    """A 3-step run on a tiny model. OPLoRA-128 on hidden size 64 is impossible: there k is 32 → a valid k."""
+    method_args = {"oplora128": ["method.k=24"],  # the tiny models' v_proj is 32×64
+                   "lora_null": [f"method.calibration.source={calibration_file}", "method.calibration.n_samples=4",
+                                 "method.calibration.seq_len=32"]}.get(method, [])
+    return [f"model={model}", "data=metamath100k", f"data.path={data_files['metamath100k']}", f"method={method}",
+            *method_args, "train=math", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4",
+            "train.lora_r=8", "train.lora_alpha=16", "train.save_steps=2", "wandb=disabled", f"output_dir={out}",
+            *extra]
+
+
+def check_run(out: Path, model_dir, method: str):
+    """run.json carries config, hash, versions, commit, metrics; the adapter loads in vanilla PEFT."""
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["method"]["label"] == method and len(record["config_hash"]) == 64
+    assert record["versions"]["peft"] and record["versions"]["torch"] and "git_commit" in record
+    assert record["metrics"]["train_loss"] > 0
+    assert record["log_history"][-1]["step"] == record["config"]["train"]["max_steps"]
+    assert json.loads((out / "config.json").read_text())["config_hash"] == record["config_hash"]
+    adapted = PeftModel.from_pretrained(load(model_dir), str(out / "adapter")).eval()
+    assert rel(logits(adapted), logits(load(model_dir))) > 1e-7  # it learned something
+    return adapted
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_exports(method, data_files, calibration_file, tiny_dirs, tmp_path):
+    out = train(compose(*overrides(data_files, calibration_file, tmp_path / "run", method, "tiny-qwen2")))
+    check_run(out, tiny_dirs["qwen2"], method)
+    assert (out / "initial_adapter").exists() == (method in ("pissa", "milora", "lora_null"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], processes: int, **kwargs) -> subprocess.Popen:
+    """`python -m oplora.train` alone (RANK/WORLD_SIZE set) or under the deepspeed launcher."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        command = [sys.executable, "-m", "oplora.train", *args]
+    else:
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        command = [deepspeed, "--num_gpus", str(processes), "--master_port", str(free_port()), "--module",
+                   "oplora.train", *args]
+    return subprocess.Popen(command, env=env, **kwargs)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+def test_deepspeed_zero2(method, processes, data_files, calibration_file, tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(data_files, calibration_file, out, method, "tiny-llama", "deepspeed=zero2")
+    assert launch(args, processes).wait(timeout=900) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["deepspeed"]["config"]["zero_optimization"]["stage"] == 2
+    check_run(out, tiny_dirs["llama"], method)
+    assert any((out / "checkpoints" / "checkpoint-3").glob("global_step*"))  # DeepSpeed's own checkpoint
+
+
+def test_kill_and_resume_gives_the_uninterrupted_adapter(data_files, calibration_file, tmp_path):
+    slow = ["train.max_steps=8", "train.batch_size=16", "train.micro_batch_size=1"]  # ~16 micro-steps per step
+    args = lambda out: overrides(data_files, calibration_file, out, "oplora16", "tiny-llama", *slow)  # noqa: E731
+    whole = train(compose(*args(tmp_path / "whole")))
+
+    out = tmp_path / "killed"
+    proc = launch(args(out), 1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "run.json").exists() and not (out / "checkpoints" / "checkpoint-8").exists()
+
+    train(compose(*args(out)))
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole, out))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_finished_run_is_skipped_unless_forced_or_changed(data_files, calibration_file, tmp_path, caplog):
+    args = overrides(data_files, calibration_file, tmp_path / "run", "lora")
+    out = train(compose(*args))
+    stamp = (out / "run.json").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        train(compose(*args))
+    assert "already finished with this config" in caplog.text
+    assert (out / "run.json").stat().st_mtime_ns == stamp
+    train(compose(*args, "force=true"))
+    assert (out / "run.json").stat().st_mtime_ns != stamp
+    changed = train(compose(*args, "train.lr=1e-3"))
+    assert json.loads((changed / "run.json").read_text())["config"]["train"]["lr"] == 1e-3
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(data_files, calibration_file, tmp_path):
+    args = overrides(data_files, calibration_file, tmp_path / "run", "lora", "tiny-llama",
+                     "train.lr=1e30", "train.warmup_ratio=0", "train.save_steps=1", "train.max_steps=20")
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at step (\d+); stopped. Last good "
+                                                  r"checkpoint: .*checkpoint-\d+"):
+        train(compose(*args))
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "adapter").exists()
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert kept and all(torch.isfinite(t).all() for t in load_file(kept[-1] / "adapter_model.safetensors").values())
+
+
+def test_wandb_offline_run_has_config_tags_and_metrics(data_files, calibration_file, tmp_path):
+    out = train(compose(*overrides(data_files, calibration_file, tmp_path / "run", "oplora16"), "wandb=offline",
+                        "experiment_name=wbtest", "seed=7"))
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    run = read_run(run_dir)
+    assert run["group"] == "wbtest" and run["name"] == "wbtest/tiny-llama/metamath100k/oplora16/seed7"
+    assert set(run["tags"]) == {"tiny-llama", "metamath100k", "oplora16", "seed7"}
+    assert run["config"]["method"] == {"name": "oplora", "label": "oplora16", "k": 16}
+    assert [h["train/global_step"] for h in run["history"] if "train/loss" in h] == [1, 2, 3]
+    assert run["summary"]["train/global_step"] == 3 and run["summary"]["train_loss"] > 0
+
+
+def test_wandb_disabled_writes_nothing(data_files, calibration_file, tmp_path):
+    out = train(compose(*overrides(data_files, calibration_file, tmp_path / "run", "lora")))
+    assert not (out / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_short_smollm2_run(data_files, calibration_file, smollm2, tmp_path):
+    out = train(compose(*overrides(data_files, calibration_file, tmp_path / "run", "oplora16", "smollm2-135m"),
+                        "train.max_steps=2"))
+    adapted = check_run(out, smollm2, "oplora16")
+    assert len([m for m in adapted.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]) == 5 * 30
+    shutil.rmtree(out / "checkpoints")
