@@ -83,6 +83,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def training_arguments(cfg: DictConfig, out: Path, report_to: list[str]) -> TrainingArguments:
     t = cfg.train
     per_step = t.micro_batch_size * world_size()
@@ -148,7 +152,7 @@ def start_wandb(cfg: DictConfig, out: Path, chash: str) -> list[str]:
     """Open the rank-0 W&B run (offline by default); the Trainer's callback logs into it."""
     if cfg.wandb.mode == "disabled":
         return []
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main_process():
         import wandb
 
         wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
@@ -163,13 +167,13 @@ def prepare_output(out: Path, cfg: DictConfig, chash: str) -> bool:
     record = out / "run.json"
     if record.exists() and json.loads(record.read_text())["config_hash"] == chash and not cfg.force:
         return True
-    previous = out / "config.json"
-    stale = previous.exists() and json.loads(previous.read_text())["config_hash"] != chash
-    if (stale or cfg.force) and (out / "checkpoints").exists():
-        log.warning("removing checkpoints of %s (config changed or force=true)", out)
-        shutil.rmtree(out / "checkpoints")
-    record.unlink(missing_ok=True)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main_process():
+        previous = out / "config.json"
+        stale = previous.exists() and json.loads(previous.read_text())["config_hash"] != chash
+        if (stale or cfg.force) and (out / "checkpoints").exists():
+            log.warning("removing checkpoints of %s (config changed or force=true)", out)
+            shutil.rmtree(out / "checkpoints")
+        record.unlink(missing_ok=True)
         atomic_write_text(previous, json.dumps({"config": resolved(cfg), "config_hash": chash}, indent=2))
     return False
 
@@ -196,7 +200,7 @@ def train(cfg: DictConfig) -> Path:
     initial = None
     if get_method(settings.method).mutates_base:
         initial = out / "initial_adapter"
-        if args.process_index == 0:
+        if is_main_process():
             save_initial(model, initial)
     model.print_trainable_parameters()
 

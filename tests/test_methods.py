@@ -149,3 +149,21 @@ def test_oplora_bases_survive_a_bf16_cast(tiny_dirs, svd):
     after = layer.lora_A[ADAPTER].parametrizations.weight[0].basis
     assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A[ADAPTER].weight.dtype == torch.bfloat16
     assert after.dtype == torch.float32 and torch.equal(after, before)
+
+
+def test_oplora_projects_each_factor_once_per_forward(tiny_dirs, svd):
+    """Two projections per adapted layer and forward (A and B), recomputed at every forward and step."""
+    _, model = adapt(tiny_dirs["llama"], settings("oplora", k=8), svd)
+    calls = []
+    for _, layer in lora_layers(model):
+        for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+            module.parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
+    n_layers = len(list(lora_layers(model)))
+    train(model, steps=2)
+    assert len(calls) == 2 * 2 * n_layers
+    with pytest.raises(Exception):
+        model(input_ids=torch.tensor([[10**9]]))  # an out-of-range id fails inside the forward …
+    calls.clear()
+    logits(model)  # … and the next forward still projects afresh
+    assert len(calls) == 2 * n_layers
+

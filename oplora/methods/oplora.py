@@ -57,6 +57,27 @@ def per_token_delta(x: torch.Tensor, A, B, U, V, scaling: float) -> torch.Tensor
     return scaling * (y - (y @ U) @ U.T)
 
 
+def project_once_per_forward(model: nn.Module) -> None:
+    """Reuse each projected factor within one forward of `model` (PEFT reads lora_A.weight twice).
+
+    `parametrize.cached()` is entered by a forward pre-hook and left by a forward hook that also
+    runs when the forward raises, so a factor is never reused across forwards (or optimizer steps).
+    """
+    open_cache = []
+
+    def enter(module, args):
+        if not open_cache:  # re-entrant forwards share the outer cache
+            open_cache.append(parametrize.cached())
+            open_cache[0].__enter__()
+
+    def leave(module, args, output):
+        if open_cache:
+            open_cache.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+
+
 @register
 class OPLoRA(Method):
     name = "oplora"
@@ -77,3 +98,4 @@ class OPLoRA(Method):
                                         (layer.lora_B[ADAPTER], top.U, "left")):
                 projection = Orthogonalize(basis.to(module.weight.device), side)
                 parametrize.register_parametrization(module, "weight", projection)
+        project_once_per_forward(model.base_model.model)
