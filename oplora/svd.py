@@ -3,7 +3,8 @@
 An entry is keyed by the matrix's content (shape, dtype and bytes), so every method and every
 projection rank that needs the same matrix reads the same file: PiSSA and both OPLoRA ranks share
 the top triples, MiLoRA the bottom ones. Exact mode runs one full SVD in float64 and keeps both
-ends; randomized mode (`torch.svd_lowrank`) keeps the top and records its residual. Files are
+ends; randomized mode (`torch.svd_lowrank`, by default 2×top columns and 6 power iterations)
+keeps the top and records its residual. Files are
 safetensors, written atomically under a per-entry lock so that concurrent builders agree.
 """
 
@@ -54,7 +55,7 @@ class SVDCache:
     """Top/bottom singular triples of weight matrices, cached under `root/svd/`."""
 
     def __init__(self, root: str | Path | None = None, mode: str = "exact", min_rank: int = 128,
-                 oversample: int = 32, niter: int = 6):
+                 oversample: int | None = None, niter: int = 6):
         if mode not in MODES:
             raise ValueError(f"unknown SVD mode {mode!r}; valid modes: {', '.join(MODES)}")
         self.dir = Path(root or cache_root()) / "svd"
@@ -105,7 +106,7 @@ class SVDCache:
             bottom = min(rank, max(bottom, self.min_rank))
             top = top or min(rank, self.min_rank)
         else:
-            q = min(rank, top + self.oversample)
+            q = min(rank, top + (top if self.oversample is None else self.oversample))
             U, S, V = torch.svd_lowrank(W64, q=q, niter=self.niter)
         seconds = time.perf_counter() - start
         residual = triple_residual(W64, U[:, :top], S[:top], V[:, :top])
