@@ -1,6 +1,7 @@
 """What OPLoRA costs next to LoRA: training step time, and top-k SVD time and accuracy.
 
-    python scripts/bench_methods.py [--device cpu|cuda] [--preset cpu|7b] [--layers N] [--out results/bench]
+    python scripts/bench_methods.py [--device cpu|cuda] [--preset cpu|7b] [--layers N] [--batch N] [--seq N]
+                                    [--out results/bench]
 
 Section 1 builds a stack of Llama-shaped decoder blocks with random weights, times building the exact
 SVD cache of every adapted matrix, then times a training step (forward + backward + AdamW) of LoRA,
@@ -11,8 +12,8 @@ reports the time, the triples' residual, and the leakage ρ_k of an OPLoRA updat
 
 The cpu preset runs float32 on a small model (hidden 1024, 4 layers) and takes its section-2 matrices
 from SmolLM2-135M plus one synthetic 4096×4096; the 7b preset uses the Llama-2-7B shape in bf16 on one
-GPU and synthetic matrices of the 7B shapes. --layers shortens the section-1 model (the SVD cache build
-grows with it) to fit a time budget.
+GPU and synthetic matrices of the 7B shapes. --layers, --batch and --seq resize the section-1 model and
+its batch (OPLoRA's projection cost is per forward, so its share falls as tokens per step grow).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def step_section(preset: Preset, device: str, dtype: torch.dtype) -> dict:
 
 # -- section 2: top-k SVD time and accuracy ---------------------------------------------------
 def decaying_matrix(m: int, n: int, seed: int, device: str) -> torch.Tensor:
-    """U diag(s) Vᵀ with random orthonormal factors and s_i = i^-0.6 (times 1 + 1 % noise), in float32."""
+    """U diag(s) Vᵀ in float32: random orthonormal U, V from QR, s_i = i^-0.6 · (1 + 0.01·N(0, 1)), sorted."""
     g = torch.Generator(device).manual_seed(seed)
     rank = min(m, n)
     U, _ = torch.linalg.qr(torch.randn(m, rank, generator=g, device=device))
@@ -419,16 +420,19 @@ def write_report(out: Path, report: dict, start: float) -> None:
     print(f"wrote {stem}.json and .md ({report['wall_s']:.0f} s so far)", flush=True)
 
 
+RESIZABLE = ("layers", "batch", "seq")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--layers", type=int, help="decoder layers of the section-1 model (default: the preset's)")
+    for field in RESIZABLE:
+        parser.add_argument(f"--{field}", type=int, help=f"section-1 model {field} (default: the preset's)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
-    if args.layers:
-        preset = Preset(**{**asdict(preset), "layers": args.layers})
+    resized = {field: getattr(args, field) for field in RESIZABLE if getattr(args, field)}
+    preset = Preset(**{**asdict(PRESETS[args.preset]), **resized})
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     start = time.perf_counter()
     report = {"command": shlex.join(["python", *sys.argv]),
