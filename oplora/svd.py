@@ -107,7 +107,9 @@ class SVDCache:
             top = top or min(rank, self.min_rank)
         else:
             q = min(rank, top + (top if self.oversample is None else self.oversample))
-            U, S, V = torch.svd_lowrank(W64, q=q, niter=self.niter)
+            with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
+                torch.manual_seed(0)  # the same matrix always gets the same triples
+                U, S, V = torch.svd_lowrank(W64, q=q, niter=self.niter)
         seconds = time.perf_counter() - start
         residual = triple_residual(W64, U[:, :top], S[:top], V[:, :top])
         if self.mode == "randomized":
