@@ -35,7 +35,12 @@ def arch(request) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_dirs():
-    return {a: tiny_dir(a) for a in ARCHS}
+    """Tiny model directories; the rank tests rely on v_proj being 32×64 (2 KV heads of 16)."""
+    dirs = {a: tiny_dir(a) for a in ARCHS}
+    for directory in dirs.values():
+        config = json.loads((directory / "config.json").read_text())
+        assert (config["hidden_size"], config["num_key_value_heads"], config["num_attention_heads"]) == (64, 2, 4)
+    return dirs
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,9 @@ def train(model, steps: int = 20, lr: float = 1e-3, seed: int = 0, vocab: int = 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
         ids = torch.randint(0, vocab, (2, 24), generator=g)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss), "a non-finite loss would make every check after training meaningless"
+        loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
