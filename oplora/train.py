@@ -67,6 +67,9 @@ POSITIVE = ("train.lr", "train.batch_size", "train.micro_batch_size", "train.epo
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse values the run cannot use, naming the valid ones, before anything loads."""
+    if cfg.method.name == "base":
+        raise ValueError("method=base is the untrained model: there is nothing to train; "
+                         "evaluate it with python -m oplora.evaluate method=base")
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:

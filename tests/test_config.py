@@ -13,10 +13,17 @@ from oplora.train import adapter_settings, check_config, training_arguments
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
-METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml") if p.stem != "base")  # base: not trained
 PAPER = {"table2": ("llama2-7b", "commonsense170k", 32, 2e-4), "table3": ("qwen2.5-7b", "commonsense170k", 32, 2e-4),
          "table4": ("llama2-7b", "metamath100k", 64, 3e-4), "table5": ("qwen2.5-7b", "metamath100k", 64, 3e-4),
          "table6": ("llama2-7b", "codefeedback", 32, 2e-4), "table7": ("qwen2.5-7b", "codefeedback", 32, 2e-4)}
+
+COLUMNS = {  # the paper's table headers: fine-tuning columns, forgetting columns
+    "commonsense170k": (["BoolQ", "PIQA", "SIQA", "HSwag", "WinoG", "ARC-e", "ARC-c", "OBQA"],
+                        ["MathQA", "MBPP", "RACE"]),
+    "metamath100k": (["MATH", "GSM8K"], ["ARC-e", "ARC-c", "SIQA"]),
+    "codefeedback": (["MBPP", "MBPP+"], ["HSwag", "OBQA", "SIQA"]),
+}
 
 
 def test_the_paper_grid_is_configured():
@@ -35,6 +42,9 @@ def test_experiments_match_table_8(experiment):
     assert cfg.train.scheduler == "cosine" and cfg.deepspeed.config.zero_optimization.stage == 2
     assert cfg.model.target_modules == ["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"]
     assert cfg.data.limit == (100000 if data == "metamath100k" else None)
+    finetune, forget = COLUMNS[data]
+    assert [c.label for c in cfg.eval.columns] == finetune + forget
+    assert [c.role for c in cfg.eval.columns] == ["finetune"] * len(finetune) + ["forget"] * len(forget)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

