@@ -9,7 +9,13 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed compiles its CPU communication op once (about a minute) and reuses it from here
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/oplora/torch_extensions
 
-.PHONY: install test bench lock clean
+# The paper's tables: `make table2 [model=qwen2.5-7b] [launcher=slurm] [ARGS="pipeline.seeds=[1,2,3]"]`
+model    ?=
+launcher ?= local
+PIPELINE  = $(BIN)/python -m oplora.pipeline launcher=$(launcher) $(if $(model),model=$(model)) $(ARGS)
+TABLES   := table2 table3 table4 table5 table6 table7
+
+.PHONY: install test bench lock clean demo figure2 $(TABLES)
 
 install: $(STAMP)
 
@@ -23,6 +29,15 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(TABLES): install
+	$(PIPELINE) experiment=$@
+
+figure2: install  # figure 2 of the paper: LLaMA-2 7B on Commonsense170k (table 2's grid)
+	$(PIPELINE) experiment=$(or $(experiment),table2)
+
+demo: install
+	$(PIPELINE) experiment=demo
 
 bench: install
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)

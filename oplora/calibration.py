@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from oplora.demo_data import resolve
+
 
 def read_documents(source: str | Path, field: str = "text") -> list[str]:
-    path = Path(source)
+    path = Path(resolve(str(source)))
     if not path.is_file():
         raise FileNotFoundError(f"calibration source {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -38,7 +40,7 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
 
 
 def source_digest(source: str | Path) -> str:
-    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return hashlib.sha256(Path(resolve(str(source))).read_bytes()).hexdigest()
 
 
 def windows(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 
 import datasets
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ IGNORE = -100
 
 
 def load_records(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
-    """A hub dataset id or a local .json/.jsonl file; `limit` keeps the first rows."""
-    local = Path(path)
+    """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; `limit` keeps the first rows."""
+    from oplora.demo_data import resolve
+
+    local = Path(resolve(path))
     if local.suffix in (".json", ".jsonl"):
         if not local.is_file():
             raise FileNotFoundError(f"data file {local} does not exist")
@@ -71,11 +74,12 @@ def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
                       tokenizer.name_or_path, len(tokenizer), records._fingerprint], sort_keys=True)
     cache = cache_dir / "data" / f"{cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,
-                                                 max_length=cfg.max_length),
-                          remove_columns=records.column_names, cache_file_name=str(cache), desc="tokenize")
-    kept = encoded.filter(lambda labels: any(t != IGNORE for t in labels), input_columns="labels",
-                          cache_file_name=str(cache.with_suffix(".kept.arrow")), desc="drop fully masked")
+    with FileLock(str(cache) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache
+        encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,
+                                                     max_length=cfg.max_length),
+                              remove_columns=records.column_names, cache_file_name=str(cache), desc="tokenize")
+        kept = encoded.filter(lambda labels: any(t != IGNORE for t in labels), input_columns="labels",
+                              cache_file_name=str(cache.with_suffix(".kept.arrow")), desc="drop fully masked")
     truncated, dropped = sum(encoded["truncated"]), len(encoded) - len(kept)
     log.info("data %s: %d examples, %d truncated to %d tokens, %d dropped (prompt fills max_length)",
              cfg.path, len(kept), truncated, cfg.max_length, dropped)

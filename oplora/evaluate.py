@@ -59,16 +59,18 @@ def target_for(cfg: DictConfig) -> tuple[Target, str]:
     return Target(record["base_model"], record["adapter"], dtype, trust), chash
 
 
-def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str, merged) -> Path:
+def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str, merged) -> tuple[Path, bool]:
+    """Run (or skip, when finished with the same hash) one stage; (its result file, whether it ran)."""
     run_dir = Path(cfg.output_dir)
     out = run_dir / "eval" / f"{name}.json"
     settings = resolved(cfg.eval[name])
+    limit = settings.get("limit") or cfg.eval.limit
     identity = target.identity()
-    key = content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": cfg.eval.limit,
+    key = content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": limit,
                         "target": identity, "train_config_hash": chash})
     if out.exists() and json.loads(out.read_text())["stage_hash"] == key and not cfg.eval.force:
         log.info("%s: finished with these settings (hash %s); eval.force=true redoes it", out, key[:12])
-        return out
+        return out, False
     partial_path = out.with_name(f"{name}.partial.json")
     partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     if partial.get("stage_hash") != key or cfg.eval.force:
@@ -81,21 +83,22 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
         log.info("%s/%s: evaluating %s", name, task, target.adapter or target.base)
         if stage is None:
             use_merged = STAGES[name].generates or cfg.eval.merge
-            stage = STAGES[name](target, settings, cfg.eval.limit, out.parent / name, merged() if use_merged else None)
+            stage = STAGES[name](target, settings, limit, out.parent / name, merged() if use_merged else None)
         partial["tasks"][task] = stage.run(task)
         atomic_write_text(partial_path, json.dumps(partial, indent=2))
     results = partial["tasks"].values()
     record = {"stage": name, "stage_hash": key, "run": str(run_dir), "target": identity,
-              "train_config_hash": chash, "settings": settings, "limit": cfg.eval.limit, "tasks": tasks,
+              "train_config_hash": chash, "settings": settings, "limit": limit, "tasks": tasks,
               "metrics": {k: v for r in results for k, v in r["metrics"].items()},
               "details": {k: v for r in results for k, v in r["details"].items()}, **provenance()}
     atomic_write_text(out, json.dumps(record, indent=2))
     partial_path.unlink(missing_ok=True)
     log.info("%s: %s", out, {k: round(v["value"], 4) for k, v in record["metrics"].items()})
-    return out
+    return out, True
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Path]:
+def evaluate(cfg: DictConfig) -> dict[str, tuple[Path, bool]]:
+    """Every stage the columns need (or `eval.only`): {stage: (result file, whether it ran)}."""
     target, chash = target_for(cfg)
     wanted = stage_tasks(cfg.eval.columns)
     only = list(cfg.eval.only or wanted)

@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that decide where or how a run is reported, or what is done after training, not what it trains.
-NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra", "eval")
+NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra", "eval", "launcher", "pipeline",
+              "calibration_source")  # lora_null's method.calibration.source carries it into the hash
 PACKAGES = ("torch", "transformers", "peft", "datasets", "deepspeed", "lm_eval", "evalplus", "hydra-core", "oplora")
 
 

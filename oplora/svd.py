@@ -74,12 +74,19 @@ class SVDCache:
         entry = self._entry(W, top=0, bottom=r, name=name)
         return Triples(entry["U_bot"][:, -r:], entry["S_bot"][-r:], entry["V_bot"][:, -r:], 0.0)
 
+    def has(self, W: torch.Tensor, top: int, bottom: int = 0) -> bool:
+        """Whether the cache already holds `top` largest and `bottom` smallest triples of W."""
+        return self._covers(self._load(self._path(W), W.device), top, bottom)
+
     # -- internals ---------------------------------------------------------------------------
+    def _path(self, W: torch.Tensor) -> Path:
+        return self.dir / f"{matrix_key(W)}-{self.mode}.safetensors"
+
     def _entry(self, W: torch.Tensor, top: int, bottom: int, name: str) -> dict:
         rank = min(W.shape)
         if max(top, bottom) > rank:
             raise ValueError(f"{name or 'matrix'} {tuple(W.shape)} has only {rank} singular triples")
-        path = self.dir / f"{matrix_key(W)}-{self.mode}.safetensors"
+        path = self._path(W)
         entry = self._load(path, W.device)
         if not self._covers(entry, top, bottom):
             path.parent.mkdir(parents=True, exist_ok=True)

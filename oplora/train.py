@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -90,8 +91,19 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def single_process_env() -> None:
+    """DeepSpeed outside a launcher (a local or SLURM pipeline run on one device): a world of one process."""
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def training_arguments(cfg: DictConfig, out: Path, report_to: list[str]) -> TrainingArguments:
     t = cfg.train
+    if cfg.deepspeed.config:
+        single_process_env()
     per_step = t.micro_batch_size * world_size()
     if t.batch_size % per_step:
         raise ValueError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size × world_size = "
@@ -165,10 +177,16 @@ def start_wandb(cfg: DictConfig, out: Path, chash: str) -> list[str]:
     return ["wandb"]
 
 
+def finished(cfg: DictConfig) -> bool:
+    """Whether this exact training config already finished in its output_dir (and force is off)."""
+    record = Path(cfg.output_dir) / "run.json"
+    return record.exists() and json.loads(record.read_text())["config_hash"] == config_hash(cfg) and not cfg.force
+
+
 def prepare_output(out: Path, cfg: DictConfig, chash: str) -> bool:
     """True when this exact config already finished here. Checkpoints of another config are removed."""
     record = out / "run.json"
-    if record.exists() and json.loads(record.read_text())["config_hash"] == chash and not cfg.force:
+    if finished(cfg):
         return True
     if is_main_process():
         previous = out / "config.json"

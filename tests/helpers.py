@@ -65,3 +65,10 @@ def compose(*overrides: str):
     """The training config as `python -m oplora.train OVERRIDES…` would resolve it."""
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def eval_overrides(tasks_dir, *extra):
+    """Evaluate on the two toy lm_eval tasks of the `tasks` fixture: one fine-tuning, one forgetting column."""
+    columns = ("[{label:Capitals,stage:lm_eval,task:toy_capitals,role:finetune},"
+               "{label:Sums,stage:lm_eval,task:toy_sums,role:forget}]")
+    return [f"eval.columns={columns}", f"eval.lm_eval.include_path=[{tasks_dir}]", *extra]

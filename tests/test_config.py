@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import errors as oc_errors
 
 from helpers import compose
 from oplora.record import config_hash
@@ -102,5 +101,5 @@ def test_bad_values_are_refused(override, message):
 def test_unknown_method_name_and_missing_calibration():
     with pytest.raises(ValueError, match="unknown method 'dora'; valid methods"):
         adapter_settings(compose("method.name=dora"))
-    with pytest.raises(oc_errors.MissingMandatoryValue, match="calibration.source"):
-        adapter_settings(compose("method=lora_null"))
+    assert adapter_settings(compose("method=lora_null")).calibration.source is None  # refused by the method
+    assert adapter_settings(compose("method=lora_null", "calibration_source=nq.txt")).calibration.source == "nq.txt"

@@ -7,7 +7,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoTokenizer
 
-from helpers import adapt, compose, train
+from helpers import adapt, compose, eval_overrides, train
 from helpers import settings as adapter_settings
 from oplora.evaluate import evaluate
 from oplora.evaluation import harness, math_eval
@@ -15,48 +15,6 @@ from oplora.evaluation.math_score import gsm8k_gold
 from oplora.export import export_adapter, save_initial
 from oplora.record import config_hash
 from oplora.train import train as train_cell
-
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
-            ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Canada", "Ottawa"), ("India", "New Delhi")]
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-metadata:
-  version: 1.0
-"""
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    """Two local multiple-choice lm_eval tasks (YAML + jsonl): capitals and sums."""
-    root = tmp_path_factory.mktemp("tasks")
-    rows = {
-        "toy_capitals": [{"question": f"What is the capital of {c}?", "label": i % 3,
-                          "choices": [(cap if j == i % 3 else CAPITALS[(i + j + 1) % 10][1]) for j in range(3)]}
-                         for i, (c, cap) in enumerate(CAPITALS)],
-        "toy_sums": [{"question": f"What is {i} plus {i + 2}?", "label": i % 2,
-                      "choices": [str(2 * i + 2), str(2 * i + 5)][:: 1 if i % 2 == 0 else -1]} for i in range(8)],
-    }
-    for name, records in rows.items():
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (root / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=root / f"{name}.jsonl"))
-    return root
-
-
-def eval_overrides(tasks_dir, *extra):
-    columns = ("[{label:Capitals,stage:lm_eval,task:toy_capitals,role:finetune},"
-               "{label:Sums,stage:lm_eval,task:toy_sums,role:forget}]")
-    return [f"eval.columns={columns}", f"eval.lm_eval.include_path=[{tasks_dir}]", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +30,7 @@ def run(data_files, tiny_dirs, tmp_path_factory):
 
 def test_lm_eval_stage_writes_a_complete_result(run, tasks):
     cfg = compose(*run, *eval_overrides(tasks, "eval.limit=6"))
-    path = evaluate(cfg)["lm_eval"]
+    path = evaluate(cfg)["lm_eval"][0]
     result = json.loads(path.read_text())
     record = json.loads((path.parent.parent / "run.json").read_text())
     assert result["stage"] == "lm_eval" and result["tasks"] == ["toy_capitals", "toy_sums"]
@@ -89,9 +47,9 @@ def test_lm_eval_stage_writes_a_complete_result(run, tasks):
 
 
 def test_finished_stage_is_skipped_forced_or_rerun_on_change(run, tasks):
-    path = evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=4")))["lm_eval"]
+    path = evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=4")))["lm_eval"][0]
     first = path.stat().st_mtime_ns
-    evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=4")))
+    assert evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=4")))["lm_eval"] == (path, False)
     assert path.stat().st_mtime_ns == first
     evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=4", "eval.force=true")))
     assert path.stat().st_mtime_ns > first
@@ -103,7 +61,7 @@ def test_finished_stage_is_skipped_forced_or_rerun_on_change(run, tasks):
 def test_interrupted_stage_resumes_after_finished_tasks(run, tasks, tmp_path):
     """A partial file from a killed run holds toy_capitals; the rerun must not evaluate it again (its data is
     gone, so evaluating it would fail) and must finish toy_sums."""
-    path = evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"]
+    path = evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"][0]
     done = json.loads(path.read_text())
     partial = {"stage_hash": done["stage_hash"],
                "tasks": {"toy_capitals": {"metrics": {"toy_capitals": done["metrics"]["toy_capitals"]},
@@ -113,7 +71,7 @@ def test_interrupted_stage_resumes_after_finished_tasks(run, tasks, tmp_path):
     moved = tmp_path / "toy_capitals.jsonl"
     (tasks / "toy_capitals.jsonl").rename(moved)
     try:
-        resumed = json.loads(evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"].read_text())
+        resumed = json.loads(evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"][0].read_text())
     finally:
         moved.rename(tasks / "toy_capitals.jsonl")
     assert resumed["metrics"] == done["metrics"]
@@ -144,7 +102,7 @@ def test_exported_adapter_scores_equal_the_in_memory_model(method, tiny_dirs, sv
     base_ll = harness.evaluate_task(HFLM(pretrained=str(base), dtype="float32", batch_size=4, device="cpu"),
                                     "toy_capitals", settings, None, tmp_path / "base.jsonl")
     assert not torch.allclose(ll, loglikelihoods(tmp_path / "base.jsonl"), atol=1e-4)  # training changed the scores
-    assert base_ll["metrics"]["toy_capitals"]["n"] == len(CAPITALS)
+    assert base_ll["metrics"]["toy_capitals"]["n"] == 10  # every row of the task: no limit
 
 
 @pytest.mark.slow
@@ -153,7 +111,7 @@ def test_math_stage_on_gsm8k_rows_from_the_registry(smollm2, tmp_path):
                   "eval.math.max_new_tokens=24", "eval.math.batch_size=2",
                   f"output_dir={tmp_path}",
                   "eval.columns=[{label:GSM8K,stage:math,task:gsm8k,role:finetune}]")
-    result = json.loads(evaluate(cfg)["math"].read_text())
+    result = json.loads(evaluate(cfg)["math"][0].read_text())
     metric = result["metrics"]["gsm8k"]
     assert metric["metric"] == "exact_match" and metric["n"] == 2 and result["target"]["adapter"] is None
     samples = [json.loads(x) for x in open(result["details"]["gsm8k"]["samples"])]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from oplora.demo_data import resolve
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 
@@ -33,7 +34,7 @@ def _task_manager(include_path: tuple[str, ...]):
 
 def task_manager(include_path: list[str]):
     """lm_eval's task index (about 15 s to build), built once per include path."""
-    return _task_manager(tuple(str(p) for p in include_path))
+    return _task_manager(tuple(resolve(str(p)) for p in include_path))
 
 
 def load_lm(target: Target, settings: dict, merged: str | None):

@@ -36,7 +36,8 @@ class LoRANull(Method):
                              f"valid versions: {', '.join(VERSIONS)}")
         source = settings.calibration.source
         if not source:
-            raise ValueError("lora_null needs calibration data: set calibration.source to a local text or jsonl file")
+            raise ValueError("lora_null needs calibration data: set calibration_source=PATH "
+                             "(a local text or jsonl file)")
         calibration.read_documents(source, settings.calibration.field)  # names the file if missing or empty
 
     def initialize(self, model, settings, svd, tokenizer=None):

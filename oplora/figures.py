@@ -1,0 +1,102 @@
+"""Figure 2 of the paper: subspace leakage ρ_k per method (a) against average forgetting (b)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+RHO_FLOOR = 1e-16  # ρ below this (OPLoRA sits at ~1e-15) is drawn at the floor so the log axis stays finite
+PALETTE = {  # fixed colour per method, shared by both panels and across figures
+    "LoRA": "#1f77b4", "PiSSA": "#ff7f0e", "MiLoRA": "#2ca02c",
+    "LoRA-Null": "#9467bd", "OPLoRA-16": "#d62728", "OPLoRA-128": "#8c564b",
+}
+_FALLBACK = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78")
+
+
+def method_color(name: str, index: int = 0) -> str:
+    """Colour for `name`: the fixed palette entry, else a fallback picked by `index`."""
+    return PALETTE.get(name, _FALLBACK[index % len(_FALLBACK)])
+
+
+def order_by_rho(rho: dict[str, dict[int, float]], k: int = 16) -> list[str]:
+    """Method names sorted by ρ_k ascending (stable); methods without a finite ρ_k come last."""
+    def key(name: str) -> tuple[bool, float]:
+        value = rho[name].get(k)
+        missing = value is None or not math.isfinite(value)
+        return (missing, 0.0 if missing else float(value))
+    return sorted(rho, key=key)
+
+
+def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None], out_stem: str | Path,
+            module: str = "model.layers.0.self_attn.q_proj", title: str | None = None) -> list[Path]:
+    """Draw figure 2 and save `<out_stem>.png` and `<out_stem>.pdf` (atomically); returns both paths.
+
+    rho: method display name -> {k: ρ_k = ‖U_kᵀ ΔW‖²_F / ‖ΔW‖²_F}; forgetting: method -> average forgetting
+    score in percent, or None when missing (drawn as an absent bar labelled "missing", with a warning).
+    """
+    if not rho or not any(rho.values()):
+        raise ValueError("figure2: `rho` is empty - need at least one method with ρ_k values to draw figure 2")
+    methods = list(rho)
+    colors = {m: method_color(m, i) for i, m in enumerate(methods)}
+    ks = sorted({k for per_k in rho.values() for k in per_k})
+
+    fig = Figure(figsize=(11, 4.5), dpi=150)
+    ax_a, ax_b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
+    for m in methods:
+        xs = sorted(rho[m])
+        ys = [max(float(rho[m][k]), RHO_FLOOR) for k in xs]
+        ax_a.plot(xs, ys, marker="o", lw=1.8, ms=5, color=colors[m], label=m)
+    ax_a.set_xscale("log", base=2)
+    ax_a.set_yscale("log")
+    ax_a.set_xticks(ks, [str(k) for k in ks])
+    ax_a.minorticks_off()
+    ax_a.set_ylim(RHO_FLOOR / 3, 1.5)
+    ax_a.set_xlabel("k (top singular directions of W₀)")
+    ax_a.set_ylabel(f"ρ_k  (log scale; clipped at {RHO_FLOOR:.0e})")
+    ax_a.set_title(f"(a) ρ_k on {module}", fontsize=10)
+    ax_a.grid(True, which="major", alpha=0.3)
+    ax_a.legend(fontsize=8, ncol=2, loc="best", framealpha=0.9)
+
+    order = order_by_rho(rho, k=16)
+    missing = [m for m in order if forgetting.get(m) is None]
+    if missing:
+        warnings.warn(f"figure2: no forgetting score for {', '.join(missing)}; drawn as missing", stacklevel=2)
+    values = {m: float(forgetting[m]) for m in order if forgetting.get(m) is not None}
+    xs = range(len(order))
+    ax_b.bar(xs, [values.get(m, 0.0) for m in order], color=[colors[m] for m in order], width=0.65)
+    if values:
+        lo, hi = min(values.values()), max(values.values())
+        pad = max(0.5, 0.15 * (hi - lo))
+        ax_b.set_ylim(max(0.0, lo - 3 * pad), hi + 2 * pad)
+    bottom, top = ax_b.get_ylim()
+    for x, m in enumerate(order):
+        if m in values:
+            ax_b.text(x, values[m] + 0.02 * (top - bottom), f"{values[m]:.2f}", ha="center", va="bottom", fontsize=8)
+        else:
+            ax_b.text(x, bottom + 0.05 * (top - bottom), "— missing", ha="center", va="bottom", fontsize=8,
+                      rotation=90, color="0.4")
+    ax_b.set_xticks(list(xs), order, rotation=20, ha="right", fontsize=8)
+    ax_b.set_ylabel("average forgetting score (%)")
+    ax_b.set_title("(b) average forgetting score (sorted by ρ_16)", fontsize=10)
+    ax_b.grid(True, axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in ("png", "pdf"):
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            fig.savefig(tmp, format=fmt, dpi=150)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,152 @@
+"""SLURM submission: a chain of sbatch steps (job arrays linked by `afterok`), and waiting for them.
+
+This module knows nothing about training; the pipeline builds the `Step` commands. `settings` is the
+`launcher` config group (configs/launcher/slurm.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oplora.io import atomic_write_text
+
+# JobState values after which SLURM will not run the job (or array task) again.
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                          "PREEMPTED", "BOOT_FAIL", "DEADLINE"})
+# A job whose `afterok` dependency failed stays PENDING with this reason forever (SLURM's default without
+# SchedulerParameters=kill_invalid_depend); `wait` reports it under this name and treats it as final.
+NEVER_RUNS = "DependencyNeverSatisfied"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # job name suffix, e.g. "train"
+    command: str  # shell command; may use $SLURM_ARRAY_TASK_ID
+    array: int | None = None  # number of array tasks (0..array-1); None: a single job
+    after: str | None = None  # name of the step this one depends on (afterok)
+
+
+def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix: str, workdir: Path,
+           env: Mapping[str, str]) -> str:
+    """The sbatch script text for one step."""
+    header = [f"--job-name={job_prefix}-{step.name}"]
+    if step.array is not None:
+        if step.array < 1:
+            raise ValueError(f"step {step.name!r}: array must be >= 1, got {step.array}")
+        limit = f"%{settings['max_parallel']}" if settings.get("max_parallel") else ""
+        header.append(f"--array=0-{step.array - 1}{limit}")
+    for key in ("partition", "account"):
+        if settings.get(key):
+            header.append(f"--{key}={settings[key]}")
+    if int(settings.get("gpus") or 0) > 0:
+        header.append(f"--gres=gpu:{settings['gpus']}")
+    header += [f"--cpus-per-task={settings['cpus_per_task']}", f"--mem={settings['mem']}",
+               f"--time={settings['time']}"]
+    pattern = "%x-%A_%a.out" if step.array is not None else "%x-%j.out"
+    header += [f"--output={Path(directory) / 'logs' / pattern}", "--requeue", "--open-mode=append"]
+    header += list(settings.get("extra") or [])
+    lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in header), "", "set -euo pipefail",
+             f"cd {shlex.quote(str(workdir))}"]
+    lines += [f"export {key}={shlex.quote(str(value))}" for key, value in env.items()]
+    lines += ['echo "[$(date -Is)] host=$(hostname) job=${SLURM_JOB_ID:-} task=${SLURM_ARRAY_TASK_ID:-}"',
+              step.command, ""]
+    return "\n".join(lines)
+
+
+def submit(steps: list[Step], settings: Mapping[str, Any], directory: Path, job_prefix: str, workdir: Path,
+           env: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """Write <directory>/<step>.sbatch for every step and submit them in order with `sbatch --parsable`.
+
+    A step with `after` gets `--dependency=afterok:<id of that step>`. The ids go to <directory>/jobs.json
+    (atomic write) and are returned as {step: job id}. With settings["submit"] false, only the scripts are
+    written and every id is None.
+    """
+    directory = Path(directory)
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    names = [step.name for step in steps]
+    for i, step in enumerate(steps):
+        if names.count(step.name) > 1:
+            raise ValueError(f"duplicate step name {step.name!r}")
+        if step.after is not None and step.after not in names[:i]:
+            raise ValueError(f"step {step.name!r} runs after {step.after!r}, which is not an earlier step")
+    scripts = {}
+    for step in steps:
+        scripts[step.name] = directory / f"{step.name}.sbatch"
+        atomic_write_text(scripts[step.name], render(step, settings, directory, job_prefix, workdir, env or {}))
+    if not settings.get("submit", True):
+        return dict.fromkeys(names)
+    ids: dict[str, str | None] = {}
+    for step in steps:
+        command = ["sbatch", "--parsable"]
+        if step.after is not None:
+            command.append(f"--dependency=afterok:{ids[step.after]}")
+        result = subprocess.run([*command, str(scripts[step.name])], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch failed for {scripts[step.name]} (exit {result.returncode}): "
+                               f"{result.stderr.strip() or result.stdout.strip()}; already submitted: {ids}")
+        ids[step.name] = result.stdout.strip().split(";")[0]
+        atomic_write_text(directory / "jobs.json", json.dumps(ids, indent=2) + "\n")
+    return ids
+
+
+def _field(line: str, key: str) -> str | None:
+    match = re.search(rf"(?:^|\s){key}=(\S*)", line)
+    return match.group(1) if match else None
+
+
+def _states(job_id: str) -> dict[str, str]:
+    """{job id, or <array id>_<task(s)>: state} from one `scontrol show job -o` call."""
+    result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"scontrol show job {job_id} failed: {result.stderr.strip()}")
+    states = {}
+    for line in filter(None, result.stdout.splitlines()):
+        array_id, task = _field(line, "ArrayJobId"), _field(line, "ArrayTaskId")
+        key = f"{array_id}_{task}" if array_id and task else str(_field(line, "JobId"))
+        state = str(_field(line, "JobState"))
+        states[key] = NEVER_RUNS if state == "PENDING" and _field(line, "Reason") == NEVER_RUNS else state
+    return states
+
+
+def wait(job_ids: list[str], timeout: float, poll: float = 2.0) -> dict[str, str]:
+    """Poll `scontrol show job -o <id>` until every job and array task is in a final state.
+
+    Returns {job id or <array id>_<task>: state}; a job whose dependency failed is reported as
+    "DependencyNeverSatisfied" (it will never run). Raises TimeoutError listing the unfinished ones.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        states: dict[str, str] = {}
+        for job_id in job_ids:
+            states.update(_states(str(job_id)))
+        unfinished = {key: state for key, state in states.items() if state not in FINAL_STATES | {NEVER_RUNS}}
+        if not unfinished:
+            return states
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"SLURM jobs unfinished after {timeout:.0f} s: {unfinished}")
+        time.sleep(poll)
+
+
+def available() -> str | None:
+    """None when `sbatch` and `sinfo` work, else the reason (for clear skips)."""
+    missing = [tool for tool in ("sbatch", "sinfo", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        return f"SLURM client tools not found: {', '.join(missing)}"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 30 s"
+    if result.returncode != 0:
+        return f"sinfo failed: {result.stderr.strip()}"
+    if not result.stdout.strip():
+        return "sinfo lists no nodes"
+    return None

@@ -1,0 +1,221 @@
+"""Result tables in the paper's layout: averages, best/second marks, Markdown/LaTeX/CSV, paper numbers.
+
+Values are percentages. A missing cell is None: it is never filled in, its row's averages are None,
+it is left out of the marks, and `Table.missing()` lists it so the caller can warn.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Literal
+
+Mark = Literal["best", "second"]
+
+AVG = "Avg"
+FORGET_AVG = "Forget avg"
+ROLES = {"finetune": "Fine-tuning", "forget": "Forgetting"}
+
+DISPLAY = {"base": "Base", "lora": "LoRA", "pissa": "PiSSA", "milora": "MiLoRA", "lora_null": "LoRA-Null",
+           "oplora16": "OPLoRA-16", "oplora128": "OPLoRA-128"}
+"""Method config label -> the paper's name for it (use these as row names to compare with the paper)."""
+
+PAPER_TABLES = {"table2": ("llama2-7b", "commonsense"), "table3": ("qwen2.5-7b", "commonsense"),
+                "table4": ("llama2-7b", "math"), "table5": ("qwen2.5-7b", "math"),
+                "table6": ("llama2-7b", "code"), "table7": ("qwen2.5-7b", "code")}
+"""Paper table -> (model config, domain)."""
+
+
+def _columns(finetune: str, forget: str) -> list[dict[str, str]]:
+    return [{"label": label, "role": "finetune"} for label in finetune.split()] + [
+        {"label": label, "role": "forget"} for label in forget.split()]
+
+
+DOMAIN_COLUMNS = {"commonsense": _columns("BoolQ PIQA SIQA HSwag WinoG ARC-e ARC-c OBQA", "MathQA MBPP RACE"),
+                  "math": _columns("MATH GSM8K", "ARC-e ARC-c SIQA"),
+                  "code": _columns("MBPP MBPP+", "HSwag OBQA SIQA")}
+"""Domain -> the paper's columns, in order, as [{label, role}] (the shape of configs/eval/*.yaml `columns`)."""
+
+PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
+_UNMARKED = {"base", DISPLAY["base"]}  # the un-tuned base model is a reference row, not a competitor
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present and len(present) == len(values) else None
+
+
+@dataclass
+class Table:
+    """Rows of percentages over labelled columns, each column a fine-tuning or a forgetting task."""
+
+    columns: list[str]
+    roles: list[str]
+    rows: dict[str, list[float | None]]
+
+    def avg(self, row: str) -> float | None:
+        """Mean of all columns (the paper's Avg); None if any cell is missing."""
+        return _mean(self.rows[row])
+
+    def forget_avg(self, row: str) -> float | None:
+        """Mean of the forgetting columns; None if any of them is missing."""
+        return _mean([v for v, role in zip(self.rows[row], self.roles, strict=True) if role == "forget"])
+
+    def column(self, label: str) -> dict[str, float | None]:
+        """Row -> value of one column; `AVG` and `FORGET_AVG` give the derived averages."""
+        if label == AVG:
+            return {row: self.avg(row) for row in self.rows}
+        if label == FORGET_AVG:
+            return {row: self.forget_avg(row) for row in self.rows}
+        i = self.columns.index(label)
+        return {row: values[i] for row, values in self.rows.items()}
+
+    def missing(self) -> list[tuple[str, str]]:
+        """(row, column) of every missing cell, in table order."""
+        return [(row, label) for row in self.rows for label, v in self.cells(row).items() if v is None]
+
+    def cells(self, row: str) -> dict[str, float | None]:
+        """Column label -> value for one row."""
+        return dict(zip(self.columns, self.rows[row], strict=True))
+
+
+def build(columns: list[dict], rows: dict[str, dict[str, float | None]]) -> Table:
+    """Table from columns [{label, role}, …] and rows {name: {label: value}}; absent labels become None."""
+    labels = [c["label"] for c in columns]
+    roles = [c["role"] for c in columns]
+    if bad := sorted(set(roles) - set(ROLES)):
+        raise ValueError(f"unknown column role(s) {bad}; expected one of {list(ROLES)}")
+    for name, values in rows.items():
+        if unknown := sorted(set(values) - set(labels)):
+            raise ValueError(f"row {name!r} has values for unknown column(s) {unknown}; columns are {labels}")
+    return Table(labels, roles, {name: [values.get(label) for label in labels] for name, values in rows.items()})
+
+
+def marks(table: Table) -> dict[tuple[str, str], Mark]:
+    """(row, column) -> "best" / "second" over the columns and `AVG`, as shown (rounded to 2 decimals).
+
+    Best: every row equal to the column's maximum; second: every row equal to the largest value below it.
+    Missing cells and the base-model row take no part.
+    """
+    out: dict[tuple[str, str], Mark] = {}
+    for label in [*table.columns, AVG]:
+        shown = {row: round(v, 2) for row, v in table.column(label).items() if v is not None and row not in _UNMARKED}
+        ranked = sorted(set(shown.values()), reverse=True)
+        for mark, level in zip(("best", "second"), ranked[:2], strict=False):
+            out.update({(row, label): mark for row, v in shown.items() if v == level})
+    return out
+
+
+def paper_table(name: str, root: Path = PAPER_DIR) -> tuple[Table, dict[tuple[str, str], Mark], dict[str, float]]:
+    """One of the paper's tables 2–7: (the table, the paper's own marks, the paper's printed Avg per row).
+
+    The CSV keeps the paper's marks in the cells: **x** bold (best), __x__ underlined (second best).
+    """
+    columns = DOMAIN_COLUMNS[PAPER_TABLES[name][1]]
+    with open(Path(root) / f"{name}.csv", newline="", encoding="utf-8") as f:
+        header, *records = list(csv.reader(f))
+    expected = ["method", *(c["label"] for c in columns), AVG]
+    if header != expected:
+        raise ValueError(f"{name}.csv header {header} != {expected}")
+    rows, paper_marks, printed = {}, {}, {}
+    for method, *cells in records:
+        values = {}
+        for label, cell in zip(expected[1:], cells, strict=True):
+            for wrap, mark in (("**", "best"), ("__", "second")):
+                if len(cell) > 4 and cell.startswith(wrap) and cell.endswith(wrap):
+                    paper_marks[(method, label)] = mark
+                    cell = cell[2:-2]
+            values[label] = float(cell)
+        printed[method] = values.pop(AVG)
+        rows[method] = values
+    return build(columns, rows), paper_marks, printed
+
+
+def _cells(table: Table, bold: str, under: str, missing: str, mark: bool) -> dict[str, list[str]]:
+    """Row -> its cells (columns, then Avg) with 2 decimals; best/second put into the `bold`/`under` format strings."""
+    found = marks(table) if mark else {}
+    wrap = {"best": bold, "second": under}
+    columns = {label: table.column(label) for label in [*table.columns, AVG]}
+    out = {}
+    for row in table.rows:
+        cells = []
+        for label, column in columns.items():
+            v = column[row]
+            text = missing if v is None else f"{v:.2f}"
+            cells.append(wrap[found[(row, label)]].format(text) if (row, label) in found else text)
+        out[row] = cells
+    return out
+
+
+def _groups(table: Table) -> list[tuple[str, int]]:
+    """Consecutive runs of column roles: [(role, number of columns), …]."""
+    return [(role, len(list(run))) for role, run in groupby(table.roles)]
+
+
+def to_markdown(table: Table, title: str | None = None, mark: bool = True) -> str:
+    """GitHub Markdown: a role-group header line, then labels; best **bold**, second <u>underlined</u>, missing —.
+
+    `mark=False` leaves every cell plain (e.g. for a `difference` table).
+    """
+    group_line = [""]
+    for role, n in _groups(table):
+        group_line += [ROLES[role]] + [""] * (n - 1)
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join([*group_line, ""]) + " |",
+              "|" + "|".join([":--", *["--:"] * (len(table.columns) + 1)]) + "|",
+              "| " + " | ".join(["Method", *table.columns, AVG]) + " |"]
+    for row, cells in _cells(table, "**{}**", "<u>{}</u>", "—", mark).items():
+        lines.append("| " + " | ".join([row, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    return re.sub(r"([&%_#$])", r"\\\1", text)
+
+
+def to_latex(table: Table, caption: str | None = None, mark: bool = True) -> str:
+    """booktabs tabular with Fine-tuning/Forgetting column groups; \\textbf best, \\underline second, --- missing.
+
+    A caption wraps it in a table environment; `mark=False` leaves every cell plain.
+    """
+    n = len(table.columns)
+    head, rules, start = [""], [], 2
+    for role, width in _groups(table):
+        head.append(rf"\multicolumn{{{width}}}{{c}}{{{ROLES[role]}}}")
+        rules.append(rf"\cmidrule(lr){{{start}-{start + width - 1}}}")
+        start += width
+    lines = [r"\begin{tabular}{l" + "r" * (n + 1) + "}", r"\toprule",
+             " & ".join([*head, ""]) + r" \\", "".join(rules),
+             " & ".join(["Method", *map(_tex, table.columns), AVG]) + r" \\", r"\midrule"]
+    for row, cells in _cells(table, r"\textbf{{{}}}", r"\underline{{{}}}", "---", mark).items():
+        lines.append(" & ".join([_tex(row), *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines = [r"\begin{table}[t]", r"\centering", *lines, rf"\caption{{{_tex(caption)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Plain numbers (no marks, no rounding beyond 6 decimals), empty cells for missing, plus Avg and Forget avg."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["method", *table.columns, AVG, FORGET_AVG])
+    for row, values in table.rows.items():
+        cells = [*values, table.avg(row), table.forget_avg(row)]
+        writer.writerow([row, *("" if v is None else repr(round(v, 6)) for v in cells)])
+    return out.getvalue()
+
+
+def difference(ours: Table, paper: Table) -> Table:
+    """ours − paper over the rows and columns both have (in `ours`' order); None where either is missing."""
+    shared = [label for label in ours.columns if label in paper.columns]
+    roles = [ours.roles[ours.columns.index(label)] for label in shared]
+    rows = {}
+    for row in (r for r in ours.rows if r in paper.rows):
+        mine, theirs = ours.cells(row), paper.cells(row)
+        rows[row] = [None if mine[c] is None or theirs[c] is None else mine[c] - theirs[c] for c in shared]
+    return Table(shared, roles, rows)

@@ -1,0 +1,73 @@
+"""Figure 2: files written, right size and format, panel (b) order, missing values, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib.image as mpimg
+import pytest
+
+from oplora.figures import figure2, order_by_rho
+
+KS = (8, 16, 32, 64, 128)
+
+
+def _inputs() -> tuple[dict[str, dict[int, float]], dict[str, float | None]]:
+    rho = {
+        "LoRA": {8: 0.012, 16: 0.021, 32: 0.038, 64: 0.07, 128: 0.13},
+        "PiSSA": {8: 0.21, 16: 0.26, 32: 0.28, 64: 0.29, 128: 0.30},
+        "MiLoRA": {8: 1.1e-3, 16: 2.3e-3, 32: 4.9e-3, 64: 9.8e-3, 128: 0.02},
+        "LoRA-Null": {8: 4.0e-3, 16: 7.5e-3, 32: 0.015, 64: 0.03, 128: 0.06},
+        "OPLoRA-16": {8: 2e-15, 16: 3e-15, 32: 0.004, 64: 0.009, 128: 0.018},
+        "OPLoRA-128": {k: 1e-15 * (i + 1) for i, k in enumerate(KS)},
+    }
+    forgetting = {"LoRA": 41.2, "PiSSA": 40.1, "MiLoRA": 42.7, "LoRA-Null": 43.0, "OPLoRA-16": 44.1,
+                  "OPLoRA-128": 44.6}
+    return rho, forgetting
+
+
+def test_figure2_writes_png_and_pdf(tmp_path):
+    rho, forgetting = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complete inputs must not warn
+        paths = figure2(rho, forgetting, tmp_path / "sub" / "fig2", title="SmolLM2-135M")
+    assert [p.name for p in paths] == ["fig2.png", "fig2.pdf"]
+    assert all(p.is_file() for p in paths)
+    assert not list((tmp_path / "sub").glob(".*tmp*")), "temporary files left behind"
+    png = mpimg.imread(paths[0])
+    assert png.shape[:2] == (round(4.5 * 150), round(11 * 150))
+    assert paths[1].read_bytes().startswith(b"%PDF")
+
+
+def test_order_by_rho_sorts_ascending_and_puts_missing_last():
+    rho, _ = _inputs()
+    assert order_by_rho(rho) == ["OPLoRA-128", "OPLoRA-16", "MiLoRA", "LoRA-Null", "LoRA", "PiSSA"]
+    assert order_by_rho(rho, k=128)[-1] == "PiSSA"
+    rho["NoK16"] = {8: 1e-20}
+    rho["NaN"] = {16: float("nan")}
+    order = order_by_rho(rho)
+    assert order[:6] == ["OPLoRA-128", "OPLoRA-16", "MiLoRA", "LoRA-Null", "LoRA", "PiSSA"]
+    assert set(order[6:]) == {"NoK16", "NaN"}
+
+
+def test_missing_forgetting_warns_and_still_draws(tmp_path):
+    rho, forgetting = _inputs()
+    forgetting["MiLoRA"] = None
+    del forgetting["PiSSA"]
+    with pytest.warns(UserWarning, match="MiLoRA.*PiSSA|PiSSA.*MiLoRA"):
+        paths = figure2(rho, forgetting, tmp_path / "fig2")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+
+def test_all_forgetting_missing_still_draws(tmp_path):
+    rho, _ = _inputs()
+    with pytest.warns(UserWarning, match="LoRA"):
+        paths = figure2(rho, {}, tmp_path / "fig2")
+    assert paths[0].is_file()
+
+
+@pytest.mark.parametrize("rho", [{}, {"LoRA": {}}])
+def test_empty_rho_raises(tmp_path, rho):
+    with pytest.raises(ValueError, match="rho.*empty"):
+        figure2(rho, {"LoRA": 40.0}, tmp_path / "fig2")
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,101 @@
+"""The stage graph on a tiny grid: what runs the first time, the second time, after a change; failures; W&B."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import compose, eval_overrides
+from oplora.launch import submit_pipeline
+from oplora.pipeline import grid, run, summary
+from oplora.slurm import wait
+from oplora.wandb_log import read_run
+
+
+def grid_overrides(data_files, tasks, root: Path, *extra) -> list[str]:
+    """LoRA and OPLoRA-16 (plus the base row) on tiny Llama, 2 steps each, two toy lm_eval columns."""
+    return ["model=tiny-llama", "data=metamath100k", f"data.path={data_files['metamath100k']}", "train=math",
+            "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.lora_r=8",
+            "train.lora_alpha=16", "train.save_steps=2", "experiment_name=tinygrid",
+            f"output_dir={root}/runs/${{method.label}}/seed${{seed}}", f"pipeline.results_dir={root}/tables",
+            "pipeline.methods=[lora,oplora16]", "pipeline.rho_ks=[8,16]", "wandb=offline", f"wandb.dir={root}/wandb",
+            f"cache_dir={root}/cache", *eval_overrides(tasks, "eval.limit=4"), *extra]
+
+
+def pipeline(overrides):
+    return run(compose(*overrides), overrides)
+
+
+def wandb_runs(root: Path) -> dict[str, dict]:
+    runs = [{**read_run(d), "dir": d} for d in sorted((root / "wandb").glob("wandb/offline-run-*"))]
+    return {r["name"]: r for r in runs}
+
+
+def test_graph_runs_once_skips_then_reruns_only_what_changed(data_files, tasks, tmp_path):
+    overrides = grid_overrides(data_files, tasks, tmp_path)
+    first = pipeline(overrides)
+    assert first["failed"] == {}
+    assert first["ran"] == {"svd": ["all"], "train": ["lora/seed42", "oplora16/seed42"],
+                            "eval": ["lora/seed42", "oplora16/seed42", "base/seed42"], "collect": ["all"]}
+    second = pipeline(overrides)
+    assert all(not cells for cells in second["ran"].values()), summary(second)
+    changed = pipeline([*overrides[:-1], "eval.limit=3"])  # an eval setting: eval and collect only
+    assert changed["ran"] == {"svd": [], "train": [], "eval": ["lora/seed42", "oplora16/seed42", "base/seed42"],
+                              "collect": ["all"]}
+
+    tables = tmp_path / "tables"
+    for name in ("table.md", "table.tex", "table.csv", "figure2.png", "figure2.pdf", "collect.json"):
+        assert (tables / name).exists(), name
+    collected = json.loads((tables / "collect.json").read_text())
+    assert list(collected["rows"]) == ["Base", "LoRA", "OPLoRA-16"]
+    lora = json.loads((tmp_path / "runs/lora/seed42/eval/lm_eval.json").read_text())
+    assert collected["rows"]["LoRA"]["Capitals"] == pytest.approx(100 * lora["metrics"]["toy_capitals"]["value"])
+    assert lora["metrics"]["toy_capitals"]["n"] == 3
+    assert collected["rho"]["OPLoRA-16"]["16"] < 1e-10 < collected["rho"]["LoRA"]["16"]
+
+    runs = wandb_runs(tmp_path)
+    cell = runs["tinygrid/tiny-llama/metamath100k/oplora16/seed42"]
+    assert cell["group"] == "tinygrid"
+    for key in ("eval/Capitals", "eval/Sums", "eval/finetune_avg", "eval/forget_avg", "eval/avg", "rho/k8", "rho/k16"):
+        assert key in cell["summary"], key
+    assert cell["summary"]["eval/forget_avg"] == pytest.approx(collected["rows"]["OPLoRA-16"]["Sums"])
+    collect_run = runs["tinygrid/tiny-llama/collect"]
+    logged = collect_run["history"][0]
+    assert logged["table/nrows"] == 3 and logged["forget_avg_table/_type"] == "table-file"  # the bar chart's data
+    table = json.loads((collect_run["dir"] / "files" / logged["table/path"]).read_text())
+    assert table["columns"] == ["method", "Capitals", "Sums", "forget_avg", "avg"]
+    assert table["data"][2][0] == "OPLoRA-16"
+    assert table["data"][2][3] == pytest.approx(collected["rows"]["OPLoRA-16"]["Sums"])
+
+
+def test_a_failed_cell_is_reported_and_shown_missing(data_files, tasks, tmp_path):
+    overrides = grid_overrides(data_files, tasks, tmp_path, "pipeline.methods=[lora,lora_null]", "pipeline.base=false",
+                               "wandb=disabled")  # lora_null without calibration_source cannot train
+    with pytest.warns(UserWarning, match="LoRA-Null"):
+        report = pipeline(overrides)
+    assert list(report["failed"]) == ["lora_null/seed42"]
+    assert "calibration_source" in report["failed"]["lora_null/seed42"]
+    assert report["ran"]["eval"] == ["lora/seed42"]
+    table = (tmp_path / "tables" / "table.md").read_text()
+    assert "LoRA-Null" in table and "—" in table
+    assert "FAILED lora_null/seed42" in summary(report)
+
+
+@pytest.mark.slow
+def test_slurm_runs_the_grid_as_job_arrays(cluster, data_files, tasks, tmp_path):
+    """launcher=slurm on the real local cluster: svd → train array → eval array → collect, all COMPLETED."""
+    overrides = grid_overrides(data_files, tasks, tmp_path, "wandb=disabled")
+    cfg = compose(*overrides, "launcher=slurm", "launcher.gpus=0", "launcher.mem=3G", "launcher.cpus_per_task=1",
+                  "launcher.time=00:30:00")
+    ids = submit_pipeline(cfg, overrides, grid(cfg))
+    scripts = tmp_path / "slurm"
+    assert "#SBATCH --array=0-1" in (scripts / "train.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in (scripts / "eval.sbatch").read_text()
+    states = wait(list(ids.values()), timeout=1200, poll=3)
+    assert set(states.values()) == {"COMPLETED"}, (states, sorted(p.name for p in (scripts / "logs").iterdir()))
+    assert len(states) == 1 + 2 + 3 + 1
+    collected = json.loads((tmp_path / "tables" / "collect.json").read_text())
+    assert list(collected["rows"]) == ["Base", "LoRA", "OPLoRA-16"] and collected["failed"] == {}
+    assert all(v is not None for row in collected["rows"].values() for v in row.values())
+    again = pipeline(overrides)  # everything the jobs did is reused
+    assert all(not cells for cells in again["ran"].values()), summary(again)
