@@ -23,6 +23,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from oplora import models
 from oplora.diagnose import adapter_deltas, base_weights, diagnose
@@ -87,7 +88,7 @@ def svd_step(cfg: DictConfig) -> bool:
     svd = SVDCache(cfg.cache_dir or cache_root(), mode=cfg.svd_mode)
     bottom = cfg.train.lora_r if "milora" in cfg.pipeline.methods else 0
     ran = False
-    for name, W in target_matrices(cfg).items():
+    for name, W in tqdm(target_matrices(cfg).items(), desc="SVD cache", unit="matrix"):
         top = min(max(cfg.pipeline.rho_ks), min(W.shape))
         if not svd.has(W, top, bottom):
             svd.top(W, top, name)

@@ -99,12 +99,15 @@ def marks(table: Table) -> dict[tuple[str, str], Mark]:
     """(row, column) -> "best" / "second" over the columns and `AVG`, as shown (rounded to 2 decimals).
 
     Best: every row equal to the column's maximum; second: every row equal to the largest value below it.
-    Missing cells and the base-model row take no part.
+    Missing cells and the base-model row take no part; a column where every row shows the same value
+    has no best (all methods at 0.00 on a too-hard task are not "best").
     """
     out: dict[tuple[str, str], Mark] = {}
     for label in [*table.columns, AVG]:
         shown = {row: round(v, 2) for row, v in table.column(label).items() if v is not None and row not in _UNMARKED}
         ranked = sorted(set(shown.values()), reverse=True)
+        if len(ranked) < 2:
+            continue
         for mark, level in zip(("best", "second"), ranked[:2], strict=False):
             out.update({(row, label): mark for row, v in shown.items() if v == level})
     return out

@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from oplora.demo_data import MC_TASK  # noqa: E402
 from oplora.models import smollm2_dir, tiny_dir  # noqa: E402
 from oplora.slurm import available  # noqa: E402
 from oplora.svd import SVDCache  # noqa: E402
@@ -78,22 +79,6 @@ def data_files(tmp_path_factory):
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
             ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Canada", "Ottawa"), ("India", "New Delhi")]
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-metadata:
-  version: 1.0
-"""
 
 
 @pytest.fixture(scope="session")
@@ -101,15 +86,16 @@ def tasks(tmp_path_factory):
     """Two local multiple-choice lm_eval tasks (YAML + jsonl): capitals and sums."""
     root = tmp_path_factory.mktemp("tasks")
     rows = {
-        "toy_capitals": [{"question": f"What is the capital of {c}?", "label": i % 3,
+        "toy_capitals": [{"prompt": f"Question: What is the capital of {c}?\nAnswer:", "label": i % 3,
                           "choices": [(cap if j == i % 3 else CAPITALS[(i + j + 1) % 10][1]) for j in range(3)]}
                          for i, (c, cap) in enumerate(CAPITALS)],
-        "toy_sums": [{"question": f"What is {i} plus {i + 2}?", "label": i % 2,
+        "toy_sums": [{"prompt": f"Question: What is {i} plus {i + 2}?\nAnswer:", "label": i % 2,
                       "choices": [str(2 * i + 2), str(2 * i + 5)][:: 1 if i % 2 == 0 else -1]} for i in range(8)],
     }
     for name, records in rows.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (root / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=root / f"{name}.jsonl"))
+        (root / f"{name}.yaml").write_text(MC_TASK.format(name=name, data=root / f"{name}.jsonl", version=1,
+                                                          delimiter=" "))
     return root
 
 

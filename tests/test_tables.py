@@ -168,6 +168,8 @@ def test_ties_share_a_mark():
     assert found == {("LoRA", "A"): "best", ("PiSSA", "A"): "best", ("MiLoRA", "A"): "second",
                      ("LoRA", AVG): "best", ("PiSSA", AVG): "best", ("MiLoRA", AVG): "second"}
 
+    assert marks(build(COLUMNS[:1], {"LoRA": {"A": 0.0}, "PiSSA": {"A": 0.0}, "Base": {"A": 5.0}})) == {}
+
 
 def test_difference():
     ours = build(COLUMNS + [{"label": "D", "role": "forget"}], {
