@@ -109,13 +109,19 @@ def model_deltas(model, original: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 for name, layer in lora_layers(model)}
 
 
-def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), read from safetensors."""
+def weights_dir(base: str | Path) -> Path:
+    """A model directory, or the (cached) hub snapshot of a hub id, holding its safetensors."""
     path = Path(base)
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(str(base), allow_patterns=["*.safetensors", "*.json"]))
+    return path
+
+
+def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), read from safetensors."""
+    path = weights_dir(base)
     wanted, found = {f"{n}.weight": n for n in names}, {}
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import safetensors
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from oplora import models
-from oplora.diagnose import adapter_deltas, base_weights, diagnose
+from oplora.diagnose import adapter_deltas, base_weights, diagnose, weights_dir
 from oplora.evaluate import evaluate
 from oplora.evaluation.target import file_sha256
 from oplora.io import atomic_write_text
@@ -65,22 +66,20 @@ def cell_config(overrides: list[str], cell: Cell) -> DictConfig:
         return hydra.compose(config_name="train", overrides=extra)
 
 
+def train_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype the model trains in (and whose weights the SVD cache is keyed on)."""
+    return getattr(torch, cfg.model.dtype) if torch.cuda.is_available() else torch.float32
+
+
 def target_matrices(cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Every adapted weight matrix of the base model, in the dtype training sees."""
-    import safetensors
-
-    directory = Path(models.resolve(cfg.model.path))
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        directory = Path(snapshot_download(str(directory), allow_patterns=["*.safetensors", "*.json"]))
+    directory = weights_dir(models.resolve(cfg.model.path))
     names = []
     for file in sorted(directory.glob("*.safetensors")):
         with safetensors.safe_open(file, "pt") as f:
             names += [k.removesuffix(".weight") for k in f.keys()
                       if k.endswith(".weight") and k.rsplit(".", 2)[-2] in cfg.model.target_modules]
-    dtype = getattr(torch, cfg.model.dtype) if torch.cuda.is_available() else torch.float32
-    return {name: W.to(dtype) for name, W in base_weights(directory, names).items()}
+    return {name: W.to(train_dtype(cfg)) for name, W in base_weights(directory, names).items()}
 
 
 def svd_step(cfg: DictConfig) -> bool:
@@ -106,7 +105,7 @@ def diagnose_step(cfg: DictConfig) -> bool:
     if out.exists() and json.loads(out.read_text())["hash"] == key:
         return False
     deltas = adapter_deltas(run["adapter"])
-    original = base_weights(run["base_model"], sorted(deltas))
+    original = {name: W.to(train_dtype(cfg)) for name, W in base_weights(run["base_model"], sorted(deltas)).items()}
     result = diagnose(original, deltas, list(cfg.pipeline.rho_ks), SVDCache(cfg.cache_dir or cache_root()))
     atomic_write_text(out, json.dumps({"hash": key, **result}, indent=2))
     return True
