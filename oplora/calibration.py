@@ -8,14 +8,26 @@ target layer, each window's input activations X are scaled by |max(X)| and C += 
 
 from __future__ import annotations
 
-import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from oplora.demo_data import resolve
+from oplora.io import file_sha256
+from oplora.resources import resolve
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Text that stands for "pre-trained knowledge" (LoRA-Null). Official run: NQ-open, 256×2048, seed 233."""
+
+    source: str | None = None  # .txt (documents separated by blank lines) or .json/.jsonl
+    field: str = "text"  # record field holding the text, for json/jsonl sources
+    n_samples: int = 256
+    seq_len: int = 2048
+    seed: int = 233
 
 
 def read_documents(source: str | Path, field: str = "text") -> list[str]:
@@ -40,7 +52,7 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
 
 
 def source_digest(source: str | Path) -> str:
-    return hashlib.sha256(Path(resolve(str(source))).read_bytes()).hexdigest()
+    return file_sha256(resolve(str(source)))
 
 
 def windows(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -8,8 +8,6 @@ are cached on disk by a hash of everything that decides their content.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import string
 from pathlib import Path
@@ -17,19 +15,17 @@ from pathlib import Path
 import datasets
 from filelock import FileLock
 
+from oplora.prompt import PROMPT
+from oplora.record import content_hash
+from oplora.resources import resolve
+
 log = logging.getLogger(__name__)
 
-PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{query}\n\n### Response:"
-)
 IGNORE = -100
 
 
 def load_records(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
     """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; `limit` keeps the first rows."""
-    from oplora.demo_data import resolve
-
     local = Path(resolve(path))
     if local.suffix in (".json", ".jsonl"):
         if not local.is_file():
@@ -70,9 +66,9 @@ def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
     """The training set of a data config, tokenized (cached), with fully masked examples dropped."""
     records = load_records(cfg.path, cfg.split, cfg.limit)
     check_fields(records, cfg.path, cfg.query, cfg.response)
-    key = json.dumps([cfg.path, cfg.split, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
-                      tokenizer.name_or_path, len(tokenizer), records._fingerprint], sort_keys=True)
-    cache = cache_dir / "data" / f"{cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
+    key = content_hash([cfg.path, cfg.split, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
+                        tokenizer.name_or_path, len(tokenizer), records._fingerprint])
+    cache = cache_dir / "data" / f"{cfg.name}-{key[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache
         encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,

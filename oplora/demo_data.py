@@ -7,20 +7,17 @@
   `demo_currencies` (plain question answering on the most populous countries, which the base model
   knows well above chance: the forgetting columns);
 - `oplora:demo-calibration`: LoRA-Null's calibration text (short factual questions, NQ-open style).
-Built once under the cache directory; every path is stable, so configs can name them.
+Built once under the cache directory; `oplora.resources` names them for the configs.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
-from filelock import FileLock
-
-from oplora.data import PROMPT
-from oplora.svd import cache_root
+from oplora.io import build_once, cache_root
+from oplora.prompt import PROMPT
 
 VERSION = 3
 SEED = 233
@@ -110,27 +107,5 @@ def make(root: Path, final: Path) -> None:
 def build() -> Path:
     """The demo data directory (built once, atomically)."""
     root = cache_root() / "demo" / f"v{VERSION}"
-    if (root / "calibration.txt").exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if not (root / "calibration.txt").exists():
-            tmp = root.with_name(root.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            make(tmp, root)
-            tmp.rename(root)
-    return root
+    return build_once(root, lambda tmp: make(tmp, root), done="calibration.txt")
 
-
-NAMES = {"oplora:demo-train": "continents-train.jsonl", "oplora:demo-tasks": "tasks",
-         "oplora:demo-calibration": "calibration.txt"}
-
-
-def resolve(path: str) -> str:
-    """The file or directory of an `oplora:demo-…` name; any other path unchanged."""
-    if not str(path).startswith("oplora:demo"):
-        return str(path)
-    if path not in NAMES:
-        raise ValueError(f"unknown demo data {path!r}; valid: {', '.join(NAMES)}")
-    return str(build() / NAMES[path])

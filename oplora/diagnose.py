@@ -27,10 +27,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from oplora.io import atomic_write_text
-from oplora.methods.base import ADAPTER, lora_layers
+from oplora.methods.base import ADAPTER, PEFT_PREFIX, lora_layers
 from oplora.svd import SVDCache
-
-PREFIX = "base_model.model."
 
 
 def rho(delta: torch.Tensor, U: torch.Tensor, ks: list[int]) -> dict[int, float]:
@@ -92,7 +90,7 @@ def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
     deltas = {}
     for key, A in tensors.items():
         if ".lora_A." in key:
-            module = key.split(".lora_A.")[0].removeprefix(PREFIX)
+            module = key.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
             B = tensors[key.replace(".lora_A.", ".lora_B.")]
             delta = scaling * (B.double() @ A.double())
             deltas[module] = delta.T if config.get("fan_in_fan_out") else delta

@@ -1,10 +1,8 @@
 """Save any method's result as a plain PEFT LoRA adapter on the ORIGINAL base, and merge it.
 
-- LoRA: PEFT's own adapter.
-- OPLoRA: rank r with the projected factors B' = P_L B, A' = A P_R in float32; no project code is
-  needed to load it.
-- PiSSA / MiLoRA / LoRA-Null: PEFT's conversion against the initial adapter (saved by
-  `save_initial` before training), ΔW = s(B A − B₀A₀) at rank 2r.
+Each method says how (`Method.export`): LoRA saves PEFT's adapter as is; OPLoRA saves the projected
+factors B' = P_L B, A' = A P_R in float32; PiSSA / MiLoRA / LoRA-Null use PEFT's conversion against the
+initial adapter (saved by `save_initial` before training), ΔW = s(B A − B₀A₀) at rank 2r.
 
 Directories are written next to their target and renamed into place (`oplora.io.atomic_dir`).
 """
@@ -18,8 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.io import atomic_dir
-from oplora.methods.base import ADAPTER, lora_layers
-from oplora.methods.oplora import is_projected, projected_factors
+from oplora.methods import get_method
 
 
 def save_initial(model: PeftModel, directory: str | Path) -> Path:
@@ -29,26 +26,11 @@ def save_initial(model: PeftModel, directory: str | Path) -> Path:
     return Path(directory)
 
 
-def _projected_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, layer in lora_layers(model):
-        A, B = projected_factors(layer)
-        state[f"base_model.model.{name}.lora_A.{ADAPTER}.weight"] = A.cpu()
-        state[f"base_model.model.{name}.lora_B.{ADAPTER}.weight"] = B.cpu()
-    return state
-
-
-def export_adapter(model: PeftModel, directory: str | Path, initial: str | Path | None = None) -> Path:
-    """Write `model`'s adapter as a plain PEFT LoRA adapter that applies to the original base."""
+def export_adapter(model: PeftModel, method: str, directory: str | Path, initial: str | Path | None = None) -> Path:
+    """Write `model`'s adapter, trained with `method`, as a plain PEFT LoRA adapter on the original base."""
     directory = Path(directory)
-    projected = any(is_projected(layer) for _, layer in lora_layers(model))
     with atomic_dir(directory) as tmp:
-        if projected:
-            model.save_pretrained(tmp, state_dict=_projected_state_dict(model))
-        elif initial is not None:
-            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(Path(initial).resolve()))
-        else:
-            model.save_pretrained(tmp)
+        get_method(method).export(model, tmp, Path(initial) if initial else None)
     return directory
 
 

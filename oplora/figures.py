@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from oplora.io import atomic_file
+
 RHO_FLOOR = 1e-16  # ρ below this (OPLoRA sits at ~1e-15) is drawn at the floor so the log axis stays finite
-PALETTE = {  # fixed colour per method, shared by both panels and across figures
-    "LoRA": "#1f77b4", "PiSSA": "#ff7f0e", "MiLoRA": "#2ca02c",
-    "LoRA-Null": "#9467bd", "OPLoRA-16": "#d62728", "OPLoRA-128": "#8c564b",
-}
-_FALLBACK = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78")
-
-
-def method_color(name: str, index: int = 0) -> str:
-    """Colour for `name`: the fixed palette entry, else a fallback picked by `index`."""
-    return PALETTE.get(name, _FALLBACK[index % len(_FALLBACK)])
+FALLBACK_COLORS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78")  # methods without a `color`
 
 
 def order_by_rho(rho: dict[str, dict[int, float]], k: int = 16) -> list[str]:
@@ -32,16 +24,18 @@ def order_by_rho(rho: dict[str, dict[int, float]], k: int = 16) -> list[str]:
 
 
 def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None], out_stem: str | Path,
-            module: str = "model.layers.0.self_attn.q_proj", title: str | None = None) -> list[Path]:
+            colors: dict[str, str | None] | None = None, module: str = "model.layers.0.self_attn.q_proj",
+            title: str | None = None) -> list[Path]:
     """Draw figure 2 and save `<out_stem>.png` and `<out_stem>.pdf` (atomically); returns both paths.
 
     rho: method display name -> {k: ρ_k = ‖U_kᵀ ΔW‖²_F / ‖ΔW‖²_F}; forgetting: method -> average forgetting
-    score in percent, or None when missing (drawn as an absent bar labelled "missing", with a warning).
+    score in percent, or None when missing (drawn as an absent bar labelled "missing", with a warning);
+    colors: method -> colour (the method configs' `color`; a fallback colour where it is missing).
     """
     if not rho or not any(rho.values()):
         raise ValueError("figure2: `rho` is empty - need at least one method with ρ_k values to draw figure 2")
     methods = list(rho)
-    colors = {m: method_color(m, i) for i, m in enumerate(methods)}
+    colors = {m: (colors or {}).get(m) or FALLBACK_COLORS[i % len(FALLBACK_COLORS)] for i, m in enumerate(methods)}
     ks = sorted({k for per_k in rho.values() for k in per_k})
 
     fig = Figure(figsize=(11, 4.5), dpi=150)
@@ -92,11 +86,7 @@ def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None
     paths = []
     for fmt in ("png", "pdf"):
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         paths.append(path)
     return paths

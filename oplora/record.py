@@ -12,13 +12,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that decide where or how a run is reported, or what is done after training, not what it trains.
+# Keys that decide where or how a run is reported, or what is done after training, not what it trains
+# (`calibration` reaches the hash through lora_null's method.calibration).
 NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra", "eval", "launcher", "pipeline",
-              "calibration_source")  # lora_null's method.calibration.source carries it into the hash
+              "calibration", "method.display", "method.color")
 PACKAGES = ("torch", "transformers", "peft", "datasets", "deepspeed", "lm_eval", "evalplus", "hydra-core", "oplora")
 
 
-def resolved(cfg: DictConfig) -> dict:
+def as_dict(cfg: DictConfig) -> dict:
+    """The config as plain Python data, every interpolation resolved."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
@@ -28,7 +30,14 @@ def content_hash(content) -> str:
 
 def config_hash(cfg: DictConfig) -> str:
     """The hash of what training computes: every key but those in NOT_HASHED."""
-    return content_hash({k: v for k, v in resolved(cfg).items() if k not in NOT_HASHED})
+    content = as_dict(cfg)
+    for key in NOT_HASHED:
+        *parents, last = key.split(".")
+        node = content
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(last, None)
+    return content_hash(content)
 
 
 def versions() -> dict[str, str | None]:

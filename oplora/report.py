@@ -2,7 +2,8 @@
 
 A cell's column value is `eval/<stage>.json` → metrics[column.metric or column.task].value in
 percent, averaged over seeds (a method with a missing seed shows "—", with a warning: never a value
-computed from part of its cells). ρ_k comes from the cell's `diagnose.json`.
+computed from part of its cells). ρ_k comes from the cell's `diagnose.json`. Row names and colours
+are the method configs' `display` and `color`; untrained rows (the base model) come first, unranked.
 """
 
 from __future__ import annotations
@@ -16,40 +17,34 @@ from statistics import mean
 from omegaconf import DictConfig
 
 from oplora import tables
+from oplora.config import trains
 from oplora.figures import figure2
 from oplora.io import atomic_write_text
-from oplora.record import content_hash, provenance, resolved
+from oplora.record import as_dict, content_hash, provenance
+from oplora.rundir import RunDir, read_json
 
 log = logging.getLogger("oplora.report")
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def cell_values(cfg: DictConfig) -> dict[str, float | None]:
     """{column label: percent or None} of one cell, from its evaluation result files."""
-    values = {}
+    run, values = RunDir(cfg.output_dir), {}
     for column in cfg.eval.columns:
-        result = read_json(Path(cfg.output_dir) / "eval" / f"{column.stage}.json")
+        result = read_json(run.eval_result(column.stage))
         metric = (result or {}).get("metrics", {}).get(column.get("metric") or column.task)
         values[column.label] = 100 * metric["value"] if metric else None
     return values
 
 
 def cell_rho(cfg: DictConfig) -> dict[int, float] | None:
-    found = read_json(Path(cfg.output_dir) / "diagnose.json")
+    found = read_json(RunDir(cfg.output_dir).diagnose)
     module = (found or {}).get("modules", {}).get(cfg.pipeline.rho_module)
     return {int(k): v for k, v in module["rho"].items()} if module else None
 
 
-def averages(cfg: DictConfig, values: dict[str, float | None]) -> dict[str, float | None]:
-    """Fine-tuning, forgetting and all-column averages (None when a column is missing)."""
-    out = {}
-    for key, roles in (("finetune_avg", ("finetune",)), ("forget_avg", ("forget",)), ("avg", ("finetune", "forget"))):
-        cells = [values[c.label] for c in cfg.eval.columns if c.role in roles]
-        out[key] = mean(cells) if cells and None not in cells else None
-    return out
+def cell_averages(cfg: DictConfig, values: dict[str, float | None]) -> dict[str, float | None]:
+    """Fine-tuning, forgetting and all-column averages of one cell (None when a column is missing)."""
+    return tables.averages([values[c.label] for c in cfg.eval.columns], [c.role for c in cfg.eval.columns])
 
 
 def start_wandb(cfg: DictConfig, job_type: str, name: str, directory: Path, tags: list[str]):
@@ -58,7 +53,7 @@ def start_wandb(cfg: DictConfig, job_type: str, name: str, directory: Path, tags
     directory.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
                       dir=str(cfg.wandb.dir or directory), group=cfg.experiment_name, job_type=job_type,
-                      name=name, id=f"{job_type}-{content_hash(name)[:16]}", resume="allow", config=resolved(cfg),
+                      name=name, id=f"{job_type}-{content_hash(name)[:16]}", resume="allow", config=as_dict(cfg),
                       tags=[cfg.model.name, cfg.data.name, *tags])
 
 
@@ -67,7 +62,7 @@ def log_cell(cfg: DictConfig) -> None:
     if cfg.wandb.mode == "disabled":
         return
     values = cell_values(cfg)
-    summary = {f"eval/{k}": v for k, v in {**values, **averages(cfg, values)}.items() if v is not None}
+    summary = {f"eval/{k}": v for k, v in {**values, **cell_averages(cfg, values)}.items() if v is not None}
     summary.update({f"rho/k{k}": v for k, v in (cell_rho(cfg) or {}).items()})
     name = f"{cfg.experiment_name}/{cfg.model.name}/{cfg.data.name}/{cfg.method.label}/seed{cfg.seed}"
     with start_wandb(cfg, "eval", name, Path(cfg.output_dir), [cfg.method.label, f"seed{cfg.seed}"]) as run:
@@ -75,48 +70,59 @@ def log_cell(cfg: DictConfig) -> None:
         run.summary.update(summary)
 
 
-def method_rows(cfg: DictConfig, configs: dict) -> tuple[dict[str, dict], dict[str, dict[int, float]]]:
-    """Per method (display name): column values averaged over seeds, and ρ_k of the first seed."""
+def method_rows(cfg: DictConfig, cells: dict) -> tuple[dict[str, dict], dict[str, dict[int, float]], dict]:
+    """Per method (its display name), untrained reference rows first: column values averaged over seeds,
+    ρ_k of its first seed, and its method config (colour, whether it trains)."""
     by_method: dict[str, list] = {}
-    for cell, cell_cfg in configs.items():
-        by_method.setdefault(cell.method, []).append(cell_cfg)
-    rows, rho = {}, {}
-    for method in (["base"] if "base" in by_method else []) + [m for m in by_method if m != "base"]:
-        runs = [cell_values(c) for c in by_method[method]]
-        name = tables.DISPLAY.get(method, method)
-        rows[name] = {c.label: (mean(r[c.label] for r in runs) if all(r[c.label] is not None for r in runs)
-                                else None) for c in cfg.eval.columns}
-        if method != "base" and (found := cell_rho(by_method[method][0])):
-            rho[name] = found
-    return rows, rho
+    for cell_cfg in cells.values():
+        by_method.setdefault(cell_cfg.method.label, []).append(cell_cfg)
+    order = sorted(by_method, key=lambda label: trains(by_method[label][0].method))  # stable: grid order otherwise
+    rows, rho, methods = {}, {}, {}
+    for label in order:
+        runs = [cell_values(c) for c in by_method[label]]
+        method = by_method[label][0].method
+        rows[method.display] = {c.label: (mean(r[c.label] for r in runs) if all(r[c.label] is not None for r in runs)
+                                          else None) for c in cfg.eval.columns}
+        methods[method.display] = method
+        if trains(method) and (found := cell_rho(by_method[label][0])):
+            rho[method.display] = found
+    return rows, rho, methods
 
 
-def input_hashes(configs: dict) -> dict[str, str | None]:
+def input_hashes(cells: dict) -> dict[str, str | None]:
     """The hash of every result file a table is built from: a new result means a new table."""
     found = {}
-    for cell_cfg in configs.values():
-        run = Path(cell_cfg.output_dir)
-        for path in [*sorted((run / "eval").glob("*.json")), run / "diagnose.json"]:
+    for cell_cfg in cells.values():
+        run = RunDir(cell_cfg.output_dir)
+        for path in [*run.eval_results(), run.diagnose]:
             result = read_json(path)
             found[str(path)] = result and (result.get("stage_hash") or result.get("hash"))
     return found
 
 
-def collect(cfg: DictConfig, configs: dict, failed: dict[str, str]) -> bool:
-    """Tables (Markdown, LaTeX, CSV; beside the paper's when one matches) and figure 2; whether it ran."""
+def cell_failures(cells: dict) -> dict[str, str]:
+    """{cell: "step: error"} of every step that failed for a cell (recorded in its run directory)."""
+    return {cell.name: "; ".join(f"{step}: {error}" for step, error in failed.items())
+            for cell, cell_cfg in cells.items() if (failed := RunDir(cell_cfg.output_dir).failures())}
+
+
+def collect(cfg: DictConfig, cells: dict) -> bool:
+    """Tables (Markdown, LaTeX, CSV; beside the paper's when one matches), figure 2, W&B runs; whether it ran."""
     out = Path(cfg.pipeline.results_dir)
     columns = [{"label": c.label, "role": c.role} for c in cfg.eval.columns]
-    rows, rho = method_rows(cfg, configs)
-    table = tables.build(columns, rows)
-    paper = next((name for name, match in tables.PAPER_TABLES.items()
-                  if match == (cfg.model.name, cfg.eval.name)), None)
-    key = content_hash({"inputs": input_hashes(configs), "columns": columns, "failed": failed, "paper": paper,
+    rows, rho, methods = method_rows(cfg, cells)
+    table = tables.build(columns, rows, reference=[name for name, m in methods.items() if not trains(m)])
+    paper, failed = cfg.pipeline.paper_table, cell_failures(cells)
+    key = content_hash({"inputs": input_hashes(cells), "columns": columns, "failed": failed, "paper": paper,
+                        "rows": {name: as_dict(m) for name, m in methods.items()},
                         "rho_module": cfg.pipeline.rho_module})
     done = read_json(out / "collect.json")
     print(tables.to_markdown(table, title=f"{cfg.experiment_name}: {cfg.model.name} on {cfg.data.name}"))
     if done and done["hash"] == key and (out / "figure2.png").exists():
         log.info("%s is up to date", out)
         return False
+    for cell, why in failed.items():
+        warnings.warn(f"{cell} failed ({why}): its cells are shown as —", stacklevel=2)
     for row, column in table.missing():
         warnings.warn(f"no result for {row} / {column}: shown as —", stacklevel=2)
     title = f"{cfg.experiment_name}: {cfg.model.name} on {cfg.data.name} (seeds {list(cfg.pipeline.seeds)})"
@@ -124,27 +130,30 @@ def collect(cfg: DictConfig, configs: dict, failed: dict[str, str]) -> bool:
     atomic_write_text(out / "table.tex", tables.to_latex(table, caption=title))
     atomic_write_text(out / "table.csv", tables.to_csv(table))
     if paper:
-        published, _, _ = tables.paper_table(paper)
+        published, _, _ = tables.paper_table(paper, columns)
         atomic_write_text(out / "paper.md", "\n\n".join([
             tables.to_markdown(published, title=f"The paper's {paper}"),
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
-    forgetting = {name: averages(cfg, values)["forget_avg"] for name, values in rows.items() if name in rho}
-    figure2(rho, forgetting, out / "figure2", module=cfg.pipeline.rho_module, title=title) if rho else None
+    forgetting = {name: table.forget_avg(name) for name in rho}
+    colors = {name: methods[name].get("color") for name in rho}
+    if rho:
+        figure2(rho, forgetting, out / "figure2", colors=colors, module=cfg.pipeline.rho_module, title=title)
     atomic_write_text(out / "collect.json", json.dumps({"hash": key, "rows": rows, "rho": rho, "failed": failed,
                                                         "paper_table": paper, **provenance()}, indent=2))
     if cfg.wandb.mode != "disabled":
-        log_table(cfg, rows)
+        for cell_cfg in cells.values():
+            log_cell(cell_cfg)
+        log_table(cfg, table)
     print(f"tables and figure 2 written to {out}")
     return True
 
 
-def log_table(cfg: DictConfig, rows: dict[str, dict]) -> None:
+def log_table(cfg: DictConfig, table: tables.Table) -> None:
     """The table as a wandb.Table and the forgetting-average bar chart, in one W&B `collect` run."""
     import wandb
 
-    labels = [c.label for c in cfg.eval.columns]
-    data = [[name, *(values[label] for label in labels), *(averages(cfg, values)[k] for k in ("forget_avg", "avg"))]
-            for name, values in rows.items()]
+    labels = table.columns
+    data = [[name, *values, table.forget_avg(name), table.avg(name)] for name, values in table.rows.items()]
     table = wandb.Table(columns=["method", *labels, "forget_avg", "avg"], data=data)
     name = f"{cfg.experiment_name}/{cfg.model.name}/collect"
     with start_wandb(cfg, "collect", name, Path(cfg.pipeline.results_dir), ["collect"]) as run:

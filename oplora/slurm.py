@@ -1,4 +1,4 @@
-"""SLURM submission: a chain of sbatch steps (job arrays linked by `afterok`), and waiting for them.
+"""SLURM submission: a chain of sbatch steps (job arrays linked by dependencies), and waiting for them.
 
 This module knows nothing about training; the pipeline builds the `Step` commands. `settings` is the
 `launcher` config group (configs/launcher/slurm.yaml).
@@ -32,7 +32,13 @@ class Step:
     name: str  # job name suffix, e.g. "train"
     command: str  # shell command; may use $SLURM_ARRAY_TASK_ID
     array: int | None = None  # number of array tasks (0..array-1); None: a single job
-    after: str | None = None  # name of the step this one depends on (afterok)
+    after: str | tuple[str, ...] | None = None  # the earlier step(s) this one depends on
+    dependency: str = "afterok"  # afterok: only when they all succeeded; afterany: once they all ended
+    gpus: int | None = None  # GPUs of this step's jobs (None: settings["gpus"])
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        return (self.after,) if isinstance(self.after, str) else tuple(self.after or ())
 
 
 def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix: str, workdir: Path,
@@ -47,8 +53,9 @@ def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix:
     for key in ("partition", "account"):
         if settings.get(key):
             header.append(f"--{key}={settings[key]}")
-    if int(settings.get("gpus") or 0) > 0:
-        header.append(f"--gres=gpu:{settings['gpus']}")
+    gpus = int((settings.get("gpus") if step.gpus is None else step.gpus) or 0)
+    if gpus > 0:
+        header.append(f"--gres=gpu:{gpus}")
     header += [f"--cpus-per-task={settings['cpus_per_task']}", f"--mem={settings['mem']}",
                f"--time={settings['time']}"]
     pattern = "%x-%A_%a.out" if step.array is not None else "%x-%j.out"
@@ -66,9 +73,9 @@ def submit(steps: list[Step], settings: Mapping[str, Any], directory: Path, job_
            env: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """Write <directory>/<step>.sbatch for every step and submit them in order with `sbatch --parsable`.
 
-    A step with `after` gets `--dependency=afterok:<id of that step>`. The ids go to <directory>/jobs.json
-    (atomic write) and are returned as {step: job id}. With settings["submit"] false, only the scripts are
-    written and every id is None.
+    A step with `after` gets `--dependency=<its dependency type>:<ids of those steps>`. The ids go to
+    <directory>/jobs.json (atomic write) and are returned as {step: job id}. With settings["submit"] false,
+    only the scripts are written and every id is None.
     """
     directory = Path(directory)
     (directory / "logs").mkdir(parents=True, exist_ok=True)
@@ -76,8 +83,9 @@ def submit(steps: list[Step], settings: Mapping[str, Any], directory: Path, job_
     for i, step in enumerate(steps):
         if names.count(step.name) > 1:
             raise ValueError(f"duplicate step name {step.name!r}")
-        if step.after is not None and step.after not in names[:i]:
-            raise ValueError(f"step {step.name!r} runs after {step.after!r}, which is not an earlier step")
+        for after in step.depends_on:
+            if after not in names[:i]:
+                raise ValueError(f"step {step.name!r} runs after {after!r}, which is not an earlier step")
     scripts = {}
     for step in steps:
         scripts[step.name] = directory / f"{step.name}.sbatch"
@@ -87,8 +95,8 @@ def submit(steps: list[Step], settings: Mapping[str, Any], directory: Path, job_
     ids: dict[str, str | None] = {}
     for step in steps:
         command = ["sbatch", "--parsable"]
-        if step.after is not None:
-            command.append(f"--dependency=afterok:{ids[step.after]}")
+        if step.depends_on:
+            command.append(f"--dependency={step.dependency}:{':'.join(ids[a] for a in step.depends_on)}")
         result = subprocess.run([*command, str(scripts[step.name])], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"sbatch failed for {scripts[step.name]} (exit {result.returncode}): "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -23,12 +22,10 @@ from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from oplora.io import atomic_file, cache_root
+
 log = logging.getLogger(__name__)
 MODES = ("exact", "randomized")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OPLORA_CACHE", Path.home() / ".cache" / "oplora"))
 
 
 class Triples(NamedTuple):
@@ -133,9 +130,8 @@ class SVDCache:
     def _save(path: Path, entry: dict) -> None:
         tensors = {k: v.cpu() for k, v in entry.items() if isinstance(v, torch.Tensor)}
         meta = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata={"oplora": json.dumps(meta)})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, tmp, metadata={"oplora": json.dumps(meta)})
 
     @staticmethod
     def _load(path: Path, device: torch.device) -> dict | None:

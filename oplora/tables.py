@@ -1,7 +1,8 @@
 """Result tables in the paper's layout: averages, best/second marks, Markdown/LaTeX/CSV, paper numbers.
 
 Values are percentages. A missing cell is None: it is never filled in, its row's averages are None,
-it is left out of the marks, and `Table.missing()` lists it so the caller can warn.
+it is left out of the marks, and `Table.missing()` lists it so the caller can warn. Row names, column
+labels and roles come from the configs (a method's `display`, the eval group's `columns`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Literal
+
+from oplora.config import PAPER_DIR
 
 Mark = Literal["best", "second"]
 
@@ -20,33 +23,19 @@ AVG = "Avg"
 FORGET_AVG = "Forget avg"
 ROLES = {"finetune": "Fine-tuning", "forget": "Forgetting"}
 
-DISPLAY = {"base": "Base", "lora": "LoRA", "pissa": "PiSSA", "milora": "MiLoRA", "lora_null": "LoRA-Null",
-           "oplora16": "OPLoRA-16", "oplora128": "OPLoRA-128"}
-"""Method config label -> the paper's name for it (use these as row names to compare with the paper)."""
-
-PAPER_TABLES = {"table2": ("llama2-7b", "commonsense"), "table3": ("qwen2.5-7b", "commonsense"),
-                "table4": ("llama2-7b", "math"), "table5": ("qwen2.5-7b", "math"),
-                "table6": ("llama2-7b", "code"), "table7": ("qwen2.5-7b", "code")}
-"""Paper table -> (model config, domain)."""
-
-
-def _columns(finetune: str, forget: str) -> list[dict[str, str]]:
-    return [{"label": label, "role": "finetune"} for label in finetune.split()] + [
-        {"label": label, "role": "forget"} for label in forget.split()]
-
-
-DOMAIN_COLUMNS = {"commonsense": _columns("BoolQ PIQA SIQA HSwag WinoG ARC-e ARC-c OBQA", "MathQA MBPP RACE"),
-                  "math": _columns("MATH GSM8K", "ARC-e ARC-c SIQA"),
-                  "code": _columns("MBPP MBPP+", "HSwag OBQA SIQA")}
-"""Domain -> the paper's columns, in order, as [{label, role}] (the shape of configs/eval/*.yaml `columns`)."""
-
-PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
-_UNMARKED = {"base", DISPLAY["base"]}  # the un-tuned base model is a reference row, not a competitor
+AVERAGES = {"finetune_avg": ("finetune",), "forget_avg": ("forget",), "avg": ("finetune", "forget")}
+"""The averages of a row: over its fine-tuning columns, its forgetting columns, all columns (the paper's Avg)."""
 
 
 def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present and len(present) == len(values) else None
+    """The mean, or None when a value is missing (never an average of part of a row) or there is none."""
+    return sum(values) / len(values) if values and None not in values else None
+
+
+def averages(values: list[float | None], roles: list[str]) -> dict[str, float | None]:
+    """{finetune_avg, forget_avg, avg} of one row's values (in column order, each column's role given)."""
+    return {key: _mean([v for v, role in zip(values, roles, strict=True) if role in wanted])
+            for key, wanted in AVERAGES.items()}
 
 
 @dataclass
@@ -56,14 +45,15 @@ class Table:
     columns: list[str]
     roles: list[str]
     rows: dict[str, list[float | None]]
+    reference: frozenset[str] = field(default_factory=frozenset)  # rows shown but not ranked (the base model)
 
     def avg(self, row: str) -> float | None:
         """Mean of all columns (the paper's Avg); None if any cell is missing."""
-        return _mean(self.rows[row])
+        return averages(self.rows[row], self.roles)["avg"]
 
     def forget_avg(self, row: str) -> float | None:
         """Mean of the forgetting columns; None if any of them is missing."""
-        return _mean([v for v, role in zip(self.rows[row], self.roles, strict=True) if role == "forget"])
+        return averages(self.rows[row], self.roles)["forget_avg"]
 
     def column(self, label: str) -> dict[str, float | None]:
         """Row -> value of one column; `AVG` and `FORGET_AVG` give the derived averages."""
@@ -83,8 +73,11 @@ class Table:
         return dict(zip(self.columns, self.rows[row], strict=True))
 
 
-def build(columns: list[dict], rows: dict[str, dict[str, float | None]]) -> Table:
-    """Table from columns [{label, role}, …] and rows {name: {label: value}}; absent labels become None."""
+def build(columns: list[dict], rows: dict[str, dict[str, float | None]], reference=()) -> Table:
+    """Table from columns [{label, role}, …] and rows {name: {label: value}}; absent labels become None.
+
+    `reference` names rows that are shown but take no part in the best/second marks (the base model).
+    """
     labels = [c["label"] for c in columns]
     roles = [c["role"] for c in columns]
     if bad := sorted(set(roles) - set(ROLES)):
@@ -92,19 +85,21 @@ def build(columns: list[dict], rows: dict[str, dict[str, float | None]]) -> Tabl
     for name, values in rows.items():
         if unknown := sorted(set(values) - set(labels)):
             raise ValueError(f"row {name!r} has values for unknown column(s) {unknown}; columns are {labels}")
-    return Table(labels, roles, {name: [values.get(label) for label in labels] for name, values in rows.items()})
+    return Table(labels, roles, {name: [values.get(label) for label in labels] for name, values in rows.items()},
+                 frozenset(reference))
 
 
 def marks(table: Table) -> dict[tuple[str, str], Mark]:
     """(row, column) -> "best" / "second" over the columns and `AVG`, as shown (rounded to 2 decimals).
 
     Best: every row equal to the column's maximum; second: every row equal to the largest value below it.
-    Missing cells and the base-model row take no part; a column where every row shows the same value
+    Missing cells and the reference rows take no part; a column where every row shows the same value
     has no best (all methods at 0.00 on a too-hard task are not "best").
     """
     out: dict[tuple[str, str], Mark] = {}
     for label in [*table.columns, AVG]:
-        shown = {row: round(v, 2) for row, v in table.column(label).items() if v is not None and row not in _UNMARKED}
+        shown = {row: round(v, 2) for row, v in table.column(label).items()
+                 if v is not None and row not in table.reference}
         ranked = sorted(set(shown.values()), reverse=True)
         if len(ranked) < 2:
             continue
@@ -113,12 +108,13 @@ def marks(table: Table) -> dict[tuple[str, str], Mark]:
     return out
 
 
-def paper_table(name: str, root: Path = PAPER_DIR) -> tuple[Table, dict[tuple[str, str], Mark], dict[str, float]]:
+def paper_table(name: str, columns: list[dict], root: Path = PAPER_DIR
+                ) -> tuple[Table, dict[tuple[str, str], Mark], dict[str, float]]:
     """One of the paper's tables 2–7: (the table, the paper's own marks, the paper's printed Avg per row).
 
-    The CSV keeps the paper's marks in the cells: **x** bold (best), __x__ underlined (second best).
+    `columns` ([{label, role}, …], the experiment's eval columns) must match the CSV's header. The CSV
+    keeps the paper's marks in the cells: **x** bold (best), __x__ underlined (second best).
     """
-    columns = DOMAIN_COLUMNS[PAPER_TABLES[name][1]]
     with open(Path(root) / f"{name}.csv", newline="", encoding="utf-8") as f:
         header, *records = list(csv.reader(f))
     expected = ["method", *(c["label"] for c in columns), AVG]
@@ -221,4 +217,4 @@ def difference(ours: Table, paper: Table) -> Table:
     for row in (r for r in ours.rows if r in paper.rows):
         mine, theirs = ours.cells(row), paper.cells(row)
         rows[row] = [None if mine[c] is None or theirs[c] is None else mine[c] - theirs[c] for c in shared]
-    return Table(shared, roles, rows)
+    return Table(shared, roles, rows, ours.reference)

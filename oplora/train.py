@@ -12,6 +12,7 @@ finished run unless `force=true`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -35,25 +36,34 @@ from transformers import (
 )
 from transformers.trainer_utils import SchedulerType
 
-from oplora import data, models
+from oplora import data
+from oplora.config import CONFIG_DIR, trains
 from oplora.export import export_adapter, save_initial
-from oplora.io import atomic_write_text
-from oplora.methods import AdapterSettings, CalibrationSettings, build, get_method
-from oplora.record import config_hash, provenance, resolved
-from oplora.svd import MODES, SVDCache, cache_root
+from oplora.io import atomic_write_text, cache_root
+from oplora.methods import AdapterSettings, build, get_method
+from oplora.models import compute_dtype
+from oplora.record import as_dict, config_hash, provenance
+from oplora.resources import resolve
+from oplora.rundir import RunDir, read_json
+from oplora.svd import MODES, SVDCache
 
 log = logging.getLogger("oplora.train")
 
 
+IDENTITY = ("name", "label", "display", "color", "module", "trained")  # a method config's keys that are not options
+
+
 def adapter_settings(cfg: DictConfig) -> AdapterSettings:
-    method = resolved(cfg.method)
-    get_method(method["name"])  # unknown names fail here, before anything loads
-    return AdapterSettings(
+    """The adapter a cell trains: the train group's rank, alpha, dropout and the method config's own options."""
+    method = as_dict(cfg.method)
+    if method.get("module"):  # a method that lives outside oplora.methods registers itself on import
+        importlib.import_module(method["module"])
+    settings = AdapterSettings(
         method=method["name"], r=cfg.train.lora_r, alpha=cfg.train.lora_alpha, dropout=cfg.train.lora_dropout,
-        target_modules=tuple(cfg.model.target_modules), k=method.get("k"),
-        null_version=method.get("null_version", "v1"),
-        calibration=CalibrationSettings(**method.get("calibration", {})),
-    )
+        target_modules=tuple(cfg.model.target_modules),
+        options={k: v for k, v in method.items() if k not in IDENTITY})
+    get_method(settings.method).options(settings)  # unknown names and settings fail here, before anything loads
+    return settings
 
 
 CHOICES = {
@@ -68,9 +78,9 @@ POSITIVE = ("train.lr", "train.batch_size", "train.micro_batch_size", "train.epo
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse values the run cannot use, naming the valid ones, before anything loads."""
-    if cfg.method.name == "base":
-        raise ValueError("method=base is the untrained model: there is nothing to train; "
-                         "evaluate it with python -m oplora.evaluate method=base")
+    if not trains(cfg.method):
+        raise ValueError(f"method={cfg.method.label} is the untrained model: there is nothing to train; "
+                         f"evaluate it with python -m oplora.evaluation method={cfg.method.label}")
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
@@ -100,7 +110,7 @@ def single_process_env() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def training_arguments(cfg: DictConfig, out: Path, report_to: list[str]) -> TrainingArguments:
+def training_arguments(cfg: DictConfig, run: RunDir, report_to: list[str]) -> TrainingArguments:
     t = cfg.train
     if cfg.deepspeed.config:
         single_process_env()
@@ -110,7 +120,7 @@ def training_arguments(cfg: DictConfig, out: Path, report_to: list[str]) -> Trai
                          f"{t.micro_batch_size} × {world_size()}")
     gpu = torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(run.checkpoints),
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.batch_size // per_step,
         num_train_epochs=t.epochs,
@@ -121,7 +131,7 @@ def training_arguments(cfg: DictConfig, out: Path, report_to: list[str]) -> Trai
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         bf16=gpu if t.bf16 == "auto" else bool(t.bf16),
         use_cpu=not gpu,
-        deepspeed=resolved(cfg.deepspeed.config) if cfg.deepspeed.config else None,
+        deepspeed=as_dict(cfg.deepspeed.config) if cfg.deepspeed.config else None,
         gradient_checkpointing=t.gradient_checkpointing,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -172,55 +182,54 @@ def start_wandb(cfg: DictConfig, out: Path, chash: str) -> list[str]:
 
         wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
                    dir=str(cfg.wandb.dir or out), name=run_name(cfg), group=cfg.experiment_name,
-                   job_type="train", id=f"train-{chash[:16]}", resume="allow", config=resolved(cfg),
+                   job_type="train", id=f"train-{chash[:16]}", resume="allow", config=as_dict(cfg),
                    tags=[cfg.model.name, cfg.data.name, cfg.method.label, f"seed{cfg.seed}"])
     return ["wandb"]
 
 
 def finished(cfg: DictConfig) -> bool:
     """Whether this exact training config already finished in its output_dir (and force is off)."""
-    record = Path(cfg.output_dir) / "run.json"
-    return record.exists() and json.loads(record.read_text())["config_hash"] == config_hash(cfg) and not cfg.force
+    record = RunDir(cfg.output_dir).trained_record()
+    return record is not None and record["config_hash"] == config_hash(cfg) and not cfg.force
 
 
-def prepare_output(out: Path, cfg: DictConfig, chash: str) -> bool:
+def prepare_output(run: RunDir, cfg: DictConfig, chash: str) -> bool:
     """True when this exact config already finished here. Checkpoints of another config are removed."""
-    record = out / "run.json"
     if finished(cfg):
         return True
     if is_main_process():
-        previous = out / "config.json"
-        stale = previous.exists() and json.loads(previous.read_text())["config_hash"] != chash
-        if (stale or cfg.force) and (out / "checkpoints").exists():
-            log.warning("removing checkpoints of %s (config changed or force=true)", out)
-            shutil.rmtree(out / "checkpoints")
-        record.unlink(missing_ok=True)
-        atomic_write_text(previous, json.dumps({"config": resolved(cfg), "config_hash": chash}, indent=2))
+        previous = read_json(run.config)
+        stale = previous is not None and previous["config_hash"] != chash
+        if (stale or cfg.force) and run.checkpoints.exists():
+            log.warning("removing checkpoints of %s (config changed or force=true)", run.root)
+            shutil.rmtree(run.checkpoints)
+        run.record.unlink(missing_ok=True)
+        atomic_write_text(run.config, json.dumps({"config": as_dict(cfg), "config_hash": chash}, indent=2))
     return False
 
 
 def train(cfg: DictConfig) -> Path:
-    out = Path(cfg.output_dir)
+    run = RunDir(cfg.output_dir)
     check_config(cfg)
     chash = config_hash(cfg)
     settings = adapter_settings(cfg)
-    if prepare_output(out, cfg, chash):
-        log.info("%s already finished with this config (hash %s); force=true reruns it", out, chash[:12])
-        return out
-    args = training_arguments(cfg, out, start_wandb(cfg, out, chash))
+    if prepare_output(run, cfg, chash):
+        log.info("%s already finished with this config (hash %s); force=true reruns it", run.root, chash[:12])
+        return run.root
+    args = training_arguments(cfg, run, start_wandb(cfg, run.root, chash))
     cache = Path(cfg.cache_dir or cache_root())
     set_seed(cfg.seed)
 
-    model_dir = models.resolve(cfg.model.path)
+    model_dir = resolve(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
     train_set = data.tokenized(cfg.data, tokenizer, cache)
-    dtype = getattr(torch, cfg.model.dtype) if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, compute_dtype(cfg.model)),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
     model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)
     initial = None
     if get_method(settings.method).mutates_base:
-        initial = out / "initial_adapter"
+        initial = run.initial_adapter
         if is_main_process():
             save_initial(model, initial)
     model.print_trainable_parameters()
@@ -233,21 +242,21 @@ def train(cfg: DictConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=checkpoint)
 
     if trainer.is_world_process_zero():
-        export_adapter(model, out / "adapter", initial)
-        record = {"config": resolved(cfg), "config_hash": chash, "base_model": model_dir,
-                  "adapter": str(out / "adapter"), "initial_adapter": str(initial) if initial else None,
+        export_adapter(model, settings.method, run.adapter, initial)
+        record = {"config": as_dict(cfg), "config_hash": chash, "base_model": model_dir,
+                  "adapter": str(run.adapter), "initial_adapter": str(initial) if initial else None,
                   "train_examples": len(train_set), "metrics": result.metrics,
                   "log_history": trainer.state.log_history, **provenance()}
-        atomic_write_text(out / "run.json", json.dumps(record, indent=2))
-        log.info("adapter written to %s", out / "adapter")
+        atomic_write_text(run.record, json.dumps(record, indent=2))
+        log.info("adapter written to %s", run.adapter)
     if "wandb" in args.report_to:
         import wandb
 
         wandb.finish()
-    return out
+    return run.root
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

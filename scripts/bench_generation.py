@@ -29,11 +29,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.export import export_adapter
-from oplora.io import atomic_write_text
+from oplora.io import atomic_write_text, cache_root
 from oplora.methods import AdapterSettings, build
 from oplora.methods.base import PAPER_TARGETS, lora_layers
 from oplora.models import smollm2_dir
-from oplora.svd import SVDCache, cache_root
+from oplora.svd import SVDCache
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Janet has three apples and buys two more, so",
            "Photosynthesis is the process by which", "The largest planet in the solar system",
@@ -43,12 +43,13 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Janet has three app
 def adapter(model_dir: str, out: Path) -> Path:
     """An exported OPLoRA-16 adapter with a random, non-zero update."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    settings = AdapterSettings(method="oplora", r=32, alpha=32, dropout=0.0, target_modules=PAPER_TARGETS, k=16)
+    settings = AdapterSettings(method="oplora", r=32, alpha=32, dropout=0.0, target_modules=PAPER_TARGETS,
+                               options={"k": 16})
     model = build(model, settings, SVDCache(cache_root()))
     torch.manual_seed(0)
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B["default"].parametrizations.weight.original, std=1e-3)
-    return export_adapter(model, out)
+    return export_adapter(model, "oplora", out)
 
 
 def decode(model, encoded, new_tokens: int) -> torch.Tensor:

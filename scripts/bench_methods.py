@@ -183,7 +183,8 @@ def check_per_token(model, svd: SVDCache, k: int) -> float:
 
 
 def make_variant(base: torch.nn.Module, variant: Variant, svd: SVDCache):
-    settings = AdapterSettings(method=variant.method, r=R, alpha=ALPHA, dropout=DROPOUT, k=variant.k)
+    settings = AdapterSettings(method=variant.method, r=R, alpha=ALPHA, dropout=DROPOUT,
+                               options={"k": variant.k} if variant.k else {})
     model = build(copy.deepcopy(base), settings, svd=svd)
     if variant.per_token_k:
         add_per_token_projection(model, svd, variant.per_token_k)

@@ -1,13 +1,10 @@
 """Plain helpers shared by the tests (fixtures live in conftest.py)."""
 
-from pathlib import Path
-
 import torch
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oplora.methods import AdapterSettings, CalibrationSettings, build
+from oplora.config import compose as compose_overrides
+from oplora.methods import AdapterSettings, build
 from oplora.svd import SVDCache
 
 
@@ -18,10 +15,13 @@ def load(directory, dtype=torch.float32):
 
 
 def settings(method: str, calibration_file=None, **overrides) -> AdapterSettings:
-    base = dict(method=method, r=8, alpha=16, dropout=0.0)
-    if method == "lora_null":
-        base["calibration"] = CalibrationSettings(source=str(calibration_file), n_samples=6, seq_len=48)
-    return AdapterSettings(**{**base, **overrides})
+    """Small test settings; keys that are not AdapterSettings fields are the method's options (k, …)."""
+    common = {"method": method, "r": 8, "alpha": 16, "dropout": 0.0}
+    options = {"calibration": {"source": str(calibration_file), "n_samples": 6, "seq_len": 48}} \
+        if method == "lora_null" else {}
+    for key, value in overrides.items():
+        (common if key in AdapterSettings.__dataclass_fields__ else options)[key] = value
+    return AdapterSettings(**common, options=options)
 
 
 def adapt(directory, method_settings: AdapterSettings, svd: SVDCache, dtype=torch.float32):
@@ -58,13 +58,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
-
-
 def compose(*overrides: str):
     """The training config as `python -m oplora.train OVERRIDES…` would resolve it."""
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+    return compose_overrides(list(overrides))
 
 
 def eval_overrides(tasks_dir, *extra):

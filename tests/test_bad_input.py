@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import adapt, settings
-from oplora.methods import AdapterSettings, CalibrationSettings
+from oplora.methods import AdapterSettings
 from oplora.svd import SVDCache
 
 
@@ -34,16 +34,23 @@ def test_missing_target_module(tiny_dirs, tmp_path):
 
 
 def test_lora_null_without_calibration(tiny_dirs, tmp_path):
+    def lora_null(**calibration):
+        return AdapterSettings(method="lora_null", r=8, options={"calibration": calibration})
+
     refused(tiny_dirs, AdapterSettings(method="lora_null", r=8), "lora_null needs calibration data", tmp_path)
-    missing = AdapterSettings(method="lora_null", r=8, calibration=CalibrationSettings(source=str(tmp_path / "nq.txt")))
-    refused(tiny_dirs, missing, "nq.txt does not exist", tmp_path)
+    refused(tiny_dirs, lora_null(source=str(tmp_path / "nq.txt")), "nq.txt does not exist", tmp_path)
     (tmp_path / "empty.jsonl").write_text('{"question": ""}\n')
-    empty = AdapterSettings(method="lora_null", r=8,
-                            calibration=CalibrationSettings(source=str(tmp_path / "empty.jsonl"), field="question"))
-    refused(tiny_dirs, empty, "empty.jsonl holds no text", tmp_path)
-    wrong_field = AdapterSettings(method="lora_null", r=8,
-                                  calibration=CalibrationSettings(source=str(tmp_path / "empty.jsonl")))
-    refused(tiny_dirs, wrong_field, "empty.jsonl: cannot read field 'text'", tmp_path)
+    refused(tiny_dirs, lora_null(source=str(tmp_path / "empty.jsonl"), field="question"), "empty.jsonl holds no text",
+            tmp_path)
+    refused(tiny_dirs, lora_null(source=str(tmp_path / "empty.jsonl")), "empty.jsonl: cannot read field 'text'",
+            tmp_path)
+
+
+def test_unknown_method_setting_lists_the_valid_ones(tiny_dirs, tmp_path):
+    refused(tiny_dirs, settings("oplora", k=8, rank=4), r"method 'oplora' has no setting\(s\) \['rank'\]; its settings "
+            r"are: k", tmp_path)
+    refused(tiny_dirs, settings("pissa", k=8), r"method 'pissa' has no setting\(s\) \['k'\]; its settings are: none",
+            tmp_path)
 
 
 def test_unknown_method_and_svd_mode(tiny_dirs, tmp_path):

@@ -1,15 +1,23 @@
 """Hydra composition: every experiment × model × method resolves; bad choices and values are refused."""
 
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 
 from helpers import compose
+from oplora.config import CONFIG_DIR
 from oplora.record import config_hash
+from oplora.rundir import RunDir
 from oplora.train import adapter_settings, check_config, training_arguments
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(CONFIG_DIR)
+REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml") if p.stem != "base")  # base: not trained
@@ -51,12 +59,12 @@ def test_experiments_match_table_8(experiment):
 def test_every_experiment_model_method_resolves(experiment, model, tmp_path):
     hashes = set()
     for method in METHODS:
-        extra = [f"method.calibration.source={tmp_path / 'nq.txt'}"] if method == "lora_null" else []
+        extra = [f"calibration.source={tmp_path / 'nq.txt'}"] if method == "lora_null" else []
         cfg = compose(f"experiment={experiment}", f"model={model}", f"method={method}", *extra)
         check_config(cfg)
         settings = adapter_settings(cfg)
         assert settings.r == cfg.train.lora_r and settings.target_modules == tuple(cfg.model.target_modules)
-        assert settings.k == {"oplora16": 16, "oplora128": 128}.get(method)
+        assert settings.options.get("k") == {"oplora16": 16, "oplora128": 128}.get(method)
         assert str(cfg.output_dir).endswith(f"{model}/{cfg.data.name}/{cfg.method.label}/seed42")
         hashes.add(config_hash(cfg))
     assert len(hashes) == len(METHODS)
@@ -64,16 +72,17 @@ def test_every_experiment_model_method_resolves(experiment, model, tmp_path):
 
 def test_effective_batch_is_derived(tmp_path):
     cfg = compose("model=tiny-llama", "train.micro_batch_size=4", "deepspeed=none", f"output_dir={tmp_path}")
-    args = training_arguments(cfg, tmp_path, [])
+    args = training_arguments(cfg, RunDir(tmp_path), [])
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
     assert args.warmup_steps == 0.03 and args.lr_scheduler_type.value == "cosine" and not args.bf16
     with pytest.raises(ValueError, match="batch_size=32 is not a multiple of micro_batch_size × world_size = 5 × 1"):
-        training_arguments(compose("train.micro_batch_size=5"), tmp_path, [])
+        training_arguments(compose("train.micro_batch_size=5"), RunDir(tmp_path), [])
 
 
 def test_hash_ignores_where_a_run_is_written_not_what_it_computes():
     base = config_hash(compose())
     assert config_hash(compose("output_dir=/elsewhere", "force=true", "wandb=disabled")) == base
+    assert config_hash(compose("method.display=Plain-LoRA", "method.color=black")) == base  # how it is shown
     assert config_hash(compose("train.lr=1e-4")) != base
     assert config_hash(compose("seed=1")) != base
 
@@ -101,5 +110,27 @@ def test_bad_values_are_refused(override, message):
 def test_unknown_method_name_and_missing_calibration():
     with pytest.raises(ValueError, match="unknown method 'dora'; valid methods"):
         adapter_settings(compose("method.name=dora"))
-    assert adapter_settings(compose("method=lora_null")).calibration.source is None  # refused by the method
-    assert adapter_settings(compose("method=lora_null", "calibration_source=nq.txt")).calibration.source == "nq.txt"
+    assert adapter_settings(compose("method=lora_null")).options["calibration"]["source"] is None  # the method refuses
+    with_source = adapter_settings(compose("method=lora_null", "calibration.source=nq.txt"))
+    assert with_source.options["calibration"]["source"] == "nq.txt"
+
+
+def test_a_normal_install_carries_the_configs_and_the_paper_numbers(tmp_path):
+    """A wheel (not the editable source tree) composes the configs and reads the paper's tables from itself."""
+    source = tmp_path / "source"
+    for part in ("oplora", "configs", "results/paper", "pyproject.toml", "README.md"):
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy
+        (source / part).parent.mkdir(parents=True, exist_ok=True)
+        copy(REPO / part, source / part)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("oplora-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = ("from oplora.config import CONFIG_DIR, PAPER_DIR, compose; from oplora.tables import paper_table; "
+             "cfg = compose(['experiment=table4']); "
+             "print(CONFIG_DIR, paper_table(cfg.pipeline.paper_table, cfg.eval.columns)[2]['LoRA'])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr
+    config_dir, lora_avg = out.stdout.split()
+    assert config_dir == str(tmp_path / "site" / "oplora" / "configs") and float(lora_avg) == 39.88

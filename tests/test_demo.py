@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from helpers import compose
-from oplora.demo_data import countries, resolve
+from oplora.demo_data import countries
 from oplora.pipeline import run, summary
+from oplora.resources import resolve
 
 
 def jsonl(path):
@@ -29,7 +30,7 @@ def test_demo_data_is_consistent():
         country = doc["prompt"].split("capital of ")[1].split("?")[0]
         assert doc["choices"][doc["label"]] == capitals[country] and len(set(doc["choices"])) == 4
     assert (tasks / "demo_currencies.yaml").exists() and Path(resolve("oplora:demo-calibration")).stat().st_size
-    with pytest.raises(ValueError, match="valid: oplora:demo-train"):
+    with pytest.raises(ValueError, match="valid: .*oplora:demo-train"):
         resolve("oplora:demo-nothing")
 
 

@@ -21,7 +21,7 @@ def trained_and_exported(directory, method, extra, svd, calibration_file, tmp_pa
     original, model = adapt(directory, s, svd, dtype=dtype)
     initial = save_initial(model, tmp_path / "initial_adapter") if get_method(method).mutates_base else None
     train(model, steps=8, lr=1e-3)
-    return original, model, export_adapter(model, tmp_path / "adapter", initial)
+    return original, model, export_adapter(model, method, tmp_path / "adapter", initial)
 
 
 @pytest.mark.parametrize("method,extra", ALL, ids=IDS)

@@ -36,12 +36,13 @@ def test_graph_runs_once_skips_then_reruns_only_what_changed(data_files, tasks, 
     first = pipeline(overrides)
     assert first["failed"] == {}
     assert first["ran"] == {"svd": ["all"], "train": ["lora/seed42", "oplora16/seed42"],
+                            "diagnose": ["lora/seed42", "oplora16/seed42"],
                             "eval": ["lora/seed42", "oplora16/seed42", "base/seed42"], "collect": ["all"]}
     second = pipeline(overrides)
     assert all(not cells for cells in second["ran"].values()), summary(second)
     changed = pipeline([*overrides[:-1], "eval.limit=3"])  # an eval setting: eval and collect only
-    assert changed["ran"] == {"svd": [], "train": [], "eval": ["lora/seed42", "oplora16/seed42", "base/seed42"],
-                              "collect": ["all"]}
+    assert changed["ran"] == {"svd": [], "train": [], "diagnose": [],
+                              "eval": ["lora/seed42", "oplora16/seed42", "base/seed42"], "collect": ["all"]}
 
     tables = tmp_path / "tables"
     for name in ("table.md", "table.tex", "table.csv", "figure2.png", "figure2.pdf", "collect.json"):
@@ -70,12 +71,18 @@ def test_graph_runs_once_skips_then_reruns_only_what_changed(data_files, tasks, 
 
 def test_a_failed_cell_is_reported_and_shown_missing(data_files, tasks, tmp_path):
     overrides = grid_overrides(data_files, tasks, tmp_path, "pipeline.methods=[lora,lora_null]", "pipeline.base=false",
-                               "wandb=disabled")  # lora_null without calibration_source cannot train
+                               "wandb=disabled")  # lora_null without calibration.source cannot train
     with pytest.warns(UserWarning, match="LoRA-Null"):
         report = pipeline(overrides)
     assert list(report["failed"]) == ["lora_null/seed42"]
-    assert "calibration_source" in report["failed"]["lora_null/seed42"]
+    assert "calibration.source" in report["failed"]["lora_null/seed42"]
     assert report["ran"]["eval"] == ["lora/seed42"]
+    assert report["blocked"] == {"svd": [], "train": [], "diagnose": ["lora_null/seed42"], "eval": ["lora_null/seed42"],
+                                 "collect": []}
+    failure = json.loads((tmp_path / "runs/lora_null/seed42/failed/train.json").read_text())
+    assert failure["step"] == "train" and "calibration.source" in failure["error"]
+    collected = json.loads((tmp_path / "tables" / "collect.json").read_text())
+    assert "calibration.source" in collected["failed"]["lora_null/seed42"]
     table = (tmp_path / "tables" / "table.md").read_text()
     assert "LoRA-Null" in table and "—" in table
     assert "FAILED lora_null/seed42" in summary(report)
@@ -83,19 +90,33 @@ def test_a_failed_cell_is_reported_and_shown_missing(data_files, tasks, tmp_path
 
 @pytest.mark.slow
 def test_slurm_runs_the_grid_as_job_arrays(cluster, data_files, tasks, tmp_path):
-    """launcher=slurm on the real local cluster: svd → train array → eval array → collect, all COMPLETED."""
-    overrides = grid_overrides(data_files, tasks, tmp_path, "wandb=disabled")
+    """launcher=slurm on the real local cluster: the graph as svd → train/diagnose/eval arrays → collect.
+
+    LoRA-Null (no calibration corpus) fails to train: only its own later tasks are blocked, the other
+    cells are evaluated and collect still writes the table, naming the failure.
+    """
+    overrides = grid_overrides(data_files, tasks, tmp_path, "wandb=disabled",
+                               "pipeline.methods=[lora,oplora16,lora_null]")
+    cfg = compose(*overrides, "launcher=slurm", "launcher.gpus=1", "launcher.mem=3G", "launcher.cpus_per_task=1",
+                  "launcher.time=00:30:00", "launcher.submit=false")
+    submit_pipeline(cfg, overrides, grid(cfg, overrides))
+    scripts = tmp_path / "slurm"
+    assert "--gres=gpu:1" in (scripts / "train.sbatch").read_text()  # GPU steps ask for the GPU, CPU steps do not
+    assert "--gres" not in (scripts / "collect.sbatch").read_text() + (scripts / "diagnose.sbatch").read_text()
     cfg = compose(*overrides, "launcher=slurm", "launcher.gpus=0", "launcher.mem=3G", "launcher.cpus_per_task=1",
                   "launcher.time=00:30:00")
-    ids = submit_pipeline(cfg, overrides, grid(cfg))
-    scripts = tmp_path / "slurm"
-    assert "#SBATCH --array=0-1" in (scripts / "train.sbatch").read_text()
-    assert "#SBATCH --array=0-2" in (scripts / "eval.sbatch").read_text()
+    ids = submit_pipeline(cfg, overrides, grid(cfg, overrides))
+    assert "#SBATCH --array=0-2" in (scripts / "train.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in (scripts / "eval.sbatch").read_text()
     states = wait(list(ids.values()), timeout=1200, poll=3)
+    failed_train = f"{ids['train']}_2"
+    assert states.pop(failed_train) == "FAILED"
     assert set(states.values()) == {"COMPLETED"}, (states, sorted(p.name for p in (scripts / "logs").iterdir()))
-    assert len(states) == 1 + 2 + 3 + 1
+    assert len(states) == 1 + 2 + 3 + 4 + 1  # svd, the other train tasks, diagnose, eval, collect
     collected = json.loads((tmp_path / "tables" / "collect.json").read_text())
-    assert list(collected["rows"]) == ["Base", "LoRA", "OPLoRA-16"] and collected["failed"] == {}
-    assert all(v is not None for row in collected["rows"].values() for v in row.values())
+    assert list(collected["rows"]) == ["Base", "LoRA", "OPLoRA-16", "LoRA-Null"]
+    assert list(collected["failed"]) == ["lora_null/seed42"]
+    assert "calibration.source" in collected["failed"]["lora_null/seed42"]
+    assert all(v is not None for row in ("Base", "LoRA", "OPLoRA-16") for v in collected["rows"][row].values())
     again = pipeline(overrides)  # everything the jobs did is reused
     assert all(not cells for cells in again["ran"].values()), summary(again)

@@ -5,7 +5,10 @@ import io
 
 import pytest
 
-from oplora.tables import AVG, DISPLAY, PAPER_DIR, build, difference, marks, paper_table, to_csv, to_latex, to_markdown
+from helpers import compose
+from oplora.config import PAPER_DIR
+from oplora.tables import AVG, build, difference, marks, to_csv, to_latex, to_markdown
+from oplora.tables import paper_table as read_paper_table
 
 TABLES = [f"table{n}" for n in range(2, 8)]
 METHODS = ["LoRA", "PiSSA", "MiLoRA", "LoRA-Null", "OPLoRA-16", "OPLoRA-128"]
@@ -30,6 +33,13 @@ KNOWN_MARK_MISMATCHES = {
     # HSwag: LoRA's 79.1 ties the underlined OPLoRA-16 79.1 (second after 79.2), but is not underlined.
     ("table7", "LoRA", "HSwag"): "second",
 }
+
+
+def paper_table(name: str):
+    """The paper's table `name`, read with the columns of the experiment that reproduces it."""
+    cfg = compose(f"experiment={name}")
+    assert cfg.pipeline.paper_table == name
+    return read_paper_table(name, cfg.eval.columns)
 
 
 def _paper_csv(name: str) -> list[list[str]]:
@@ -131,7 +141,7 @@ def _with_missing():
         "LoRA": {"A": 50.0, "B": 40.0, "C": 30.0},
         "PiSSA": {"A": 60.0, "B": 45.0},  # C missing
         "OPLoRA-16": {"A": 55.0, "B": 42.0, "C": 31.0},
-    })
+    }, reference=["Base"])
 
 
 def test_missing_cells():
@@ -146,7 +156,7 @@ def test_missing_cells():
     assert found[("OPLoRA-16", "C")] == "best" and found[("LoRA", "C")] == "second"
     assert ("PiSSA", "C") not in found and ("PiSSA", AVG) not in found
     assert found[("OPLoRA-16", AVG)] == "best" and found[("LoRA", AVG)] == "second"
-    assert not any(row == "Base" for row, _ in found)  # the base model is never marked
+    assert not any(row == "Base" for row, _ in found)  # the reference row (base model) is never marked
 
     cells = _markdown_cells(to_markdown(table))
     assert cells["PiSSA"]["C"] == "—" and cells["PiSSA"]["Avg"] == "—"
@@ -168,7 +178,8 @@ def test_ties_share_a_mark():
     assert found == {("LoRA", "A"): "best", ("PiSSA", "A"): "best", ("MiLoRA", "A"): "second",
                      ("LoRA", AVG): "best", ("PiSSA", AVG): "best", ("MiLoRA", AVG): "second"}
 
-    assert marks(build(COLUMNS[:1], {"LoRA": {"A": 0.0}, "PiSSA": {"A": 0.0}, "Base": {"A": 5.0}})) == {}
+    assert marks(build(COLUMNS[:1], {"LoRA": {"A": 0.0}, "PiSSA": {"A": 0.0}, "Base": {"A": 5.0}},
+                       reference=["Base"])) == {}
 
 
 def test_difference():
@@ -187,4 +198,6 @@ def test_difference():
 
 
 def test_display_names_are_the_paper_rows():
-    assert [DISPLAY[m] for m in ("lora", "pissa", "milora", "lora_null", "oplora16", "oplora128")] == METHODS
+    shown = [compose(f"method={m}").method.display for m in ("lora", "pissa", "milora", "lora_null", "oplora16",
+                                                              "oplora128")]
+    assert shown == METHODS

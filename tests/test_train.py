@@ -25,8 +25,8 @@ METHODS = ["lora", "pissa", "milora", "lora_null", "oplora16", "oplora128"]
 def overrides(data_files, calibration_file, out, method="oplora16", model="tiny-llama", *extra):
     """A 3-step run on a tiny model. OPLoRA-128 on hidden size 64 is impossible: there k is 32 → a valid k."""
     method_args = {"oplora128": ["method.k=24"],  # the tiny models' v_proj is 32×64
-                   "lora_null": [f"method.calibration.source={calibration_file}", "method.calibration.n_samples=4",
-                                 "method.calibration.seq_len=32"]}.get(method, [])
+                   "lora_null": [f"calibration.source={calibration_file}", "calibration.n_samples=4",
+                                 "calibration.seq_len=32"]}.get(method, [])
     return [f"model={model}", "data=metamath100k", f"data.path={data_files['metamath100k']}", f"method={method}",
             *method_args, "train=math", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4",
             "train.lora_r=8", "train.lora_alpha=16", "train.save_steps=2", "wandb=disabled", f"output_dir={out}",
@@ -137,7 +137,8 @@ def test_wandb_offline_run_has_config_tags_and_metrics(data_files, calibration_f
     run = read_run(run_dir)
     assert run["group"] == "wbtest" and run["name"] == "wbtest/tiny-llama/metamath100k/oplora16/seed7"
     assert set(run["tags"]) == {"tiny-llama", "metamath100k", "oplora16", "seed7"}
-    assert run["config"]["method"] == {"name": "oplora", "label": "oplora16", "k": 16}
+    assert run["config"]["method"] == {"name": "oplora", "label": "oplora16", "display": "OPLoRA-16", "color": "#d62728",
+                                       "k": 16}
     assert [h["train/global_step"] for h in run["history"] if "train/loss" in h] == [1, 2, 3]
     assert run["summary"]["train/global_step"] == 3 and run["summary"]["train_loss"] > 0
 

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import ast
 import gzip
-import hashlib
 import importlib.resources
-import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from oplora.evaluation.common import binomial_stderr, generation_backend
+from oplora.io import atomic_write_text, file_sha256
 
 OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
-BACKENDS = ("hf", "vllm")
 CAP_ENV = "OPLORA_EVALPLUS_MAX_NEW_TOKENS"
 # `python -c CLI <codegen|evaluate> <args>`: evalplus's own CLI (without importing oplora), with two adjustments. The
 # cap from CAP_ENV goes into evalplus's decoders (no option sets their max_new_tokens of 768), and evaluate's
@@ -61,10 +58,7 @@ def _literal_inputs(test: str) -> list[list]:
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def humaneval_plus_file(path: str | Path, limit: int | None = None) -> Path:
@@ -154,10 +148,7 @@ def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override
     """
     if dataset not in OVERRIDE_ENV:
         raise ValueError(f"unknown evalplus dataset {dataset!r}; valid: {', '.join(OVERRIDE_ENV)}")
-    if backend == "auto":
-        backend = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown evalplus backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    backend = generation_backend(backend)
     directory = Path(out) / dataset
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -169,7 +160,7 @@ def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override
               {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
     (samples,) = [p for p in (root / dataset).glob("*.jsonl") if not p.name.endswith(".raw.jsonl")]
     return {**evaluate_samples(samples, dataset, dataset_file), "samples": str(samples), "backend": backend,
-            "dataset_file": str(dataset_file), "dataset_sha256": hashlib.sha256(dataset_file.read_bytes()).hexdigest()}
+            "dataset_file": str(dataset_file), "dataset_sha256": file_sha256(dataset_file)}
 
 
 class Stage:
@@ -187,7 +178,6 @@ class Stage:
                               max_new_tokens=self.settings.get("max_new_tokens"),
                               trust_remote_code=self.target.trust_remote_code)
         n = result["n_tasks"]
-        metrics = {name: {"metric": "pass@1", "value": m["pass@1"], "n": n,
-                          "stderr": math.sqrt(m["pass@1"] * (1 - m["pass@1"]) / (n - 1)) if n > 1 else None}
+        metrics = {name: {"metric": "pass@1", "value": m["pass@1"], "n": n, "stderr": binomial_stderr(m["pass@1"], n)}
                    for name, m in result["metrics"].items()}
         return {"metrics": metrics, "details": {task: {k: v for k, v in result.items() if k != "metrics"}}}

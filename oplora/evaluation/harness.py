@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from oplora.demo_data import resolve
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
+from oplora.resources import resolve
 
 log = logging.getLogger(__name__)
 SAMPLE_SKIP = ("doc", "arguments", "resps", "filtered_resps", "doc_id", "target", "filter")

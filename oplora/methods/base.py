@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -12,53 +14,85 @@ from peft.tuners.lora import LoraLayer
 from oplora.svd import SVDCache
 
 PAPER_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj", "o_proj")
-ADAPTER = "default"
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Text that stands for "pre-trained knowledge" (LoRA-Null). Official run: NQ-open, 256×2048, seed 233."""
-
-    source: str | None = None  # .txt (documents separated by blank lines) or .json/.jsonl
-    field: str = "text"  # record field holding the text, for json/jsonl sources
-    n_samples: int = 256
-    seq_len: int = 2048
-    seed: int = 233
+ADAPTER = "default"  # PEFT's adapter name
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the wrapped model's module names
 
 
 @dataclass(frozen=True)
 class AdapterSettings:
+    """What every method takes (rank, alpha, dropout, targets), plus the method's own `options`."""
+
     method: str
     r: int = 32
     alpha: float = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = PAPER_TARGETS
-    k: int | None = None  # OPLoRA: number of preserved singular triples
-    null_version: str = "v1"  # LoRA-Null: v1 trains A and B, v2 freezes A
-    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    options: Mapping[str, Any] = field(default_factory=dict)  # checked against the method's `Options`
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without settings of its own."""
+
+
 class Method:
-    """One adaptation method. Subclasses set `name` and override `check` / `initialize`."""
+    """One adaptation method: a subclass sets `name`, and overrides what differs from plain LoRA.
+
+    Its whole life is here: its own settings (`Options`, a dataclass filled from the method config),
+    the checks before any compute, what it needs from the SVD cache, the initialisation of A, B (and
+    of the base weight), and how its trained adapter is exported as plain PEFT LoRA.
+    """
 
     name: str = ""
     mutates_base: bool = False  # True when the frozen base weight becomes W_res = W - s·B A
+    Options: type = NoOptions
+
+    def options(self, settings: AdapterSettings):
+        """The method's own settings, typed; unknown keys are refused with the valid ones."""
+        valid = [f.name for f in fields(self.Options)]
+        unknown = sorted(set(settings.options) - set(valid))
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no setting(s) {unknown}; "
+                             f"its settings are: {', '.join(valid) or 'none'}")
+        return self.Options(**settings.options)
 
     def check(self, settings: AdapterSettings, shapes: dict[str, tuple[int, int]]) -> None:
         """Refuse impossible settings before any compute. `shapes` maps module name to (m, n)."""
 
+    def svd_needs(self, settings: AdapterSettings) -> tuple[int, int]:
+        """(top, bottom): how many of each weight's largest and smallest singular triples it reads."""
+        return 0, 0
+
     def initialize(self, model: PeftModel, settings: AdapterSettings, svd: SVDCache, tokenizer=None) -> None:
         """Set A, B (and the base weight, for base-mutating methods) of a freshly wrapped model."""
+
+    def export(self, model: PeftModel, directory: Path, initial: Path | None) -> None:
+        """Save the trained adapter into `directory` as plain PEFT LoRA on the ORIGINAL base.
+
+        Default: PEFT's adapter as is, or, for a base-mutating method, PEFT's conversion against the
+        initial adapter (ΔW = s(B A − B₀A₀) at rank 2r).
+        """
+        if self.mutates_base:
+            if initial is None:
+                raise ValueError(f"{self.name} changes the base weight: exporting it needs the initial adapter")
+            model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(Path(initial).resolve()))
+        else:
+            model.save_pretrained(directory)
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name` (which must be new and non-empty)."""
+    if not cls.name or not cls.name.isidentifier():
+        raise ValueError(f"{cls.__name__}: a method needs a name that is a Python identifier, got {cls.name!r}")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is already registered by {type(_REGISTRY[cls.name]).__name__}")
     _REGISTRY[cls.name] = cls()
     return cls
 
@@ -101,10 +135,9 @@ def check_rank(settings: AdapterSettings, shapes: dict[str, tuple[int, int]]) ->
 
 def lora_layers(model: PeftModel) -> Iterator[tuple[str, LoraLayer]]:
     """(module name in the base model, LoRA layer) for every adapted linear layer."""
-    prefix = "base_model.model."
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            yield name.removeprefix(prefix), module
+            yield name.removeprefix(PEFT_PREFIX), module
 
 
 def absorb_svd_part(layer: LoraLayer, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
@@ -131,6 +164,7 @@ def build(
 ) -> PeftModel:
     """Wrap `model` with the method's PEFT LoRA adapter, initialised and ready to train."""
     method = get_method(settings.method)
+    method.options(settings)
     shapes = target_shapes(model, tuple(settings.target_modules))
     check_rank(settings, shapes)
     method.check(settings, shapes)

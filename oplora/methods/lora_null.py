@@ -7,10 +7,12 @@ v2 freezes A.
 """
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from oplora import calibration
+from oplora.calibration import CalibrationSettings
 from oplora.methods.base import ADAPTER, Method, absorb_svd_part, lora_layers, register
 
 log = logging.getLogger(__name__)
@@ -25,25 +27,38 @@ def null_space_part(W: torch.Tensor, cov: torch.Tensor, r: int):
     return P, S, null @ Qh.T
 
 
+@dataclass(frozen=True)
+class Options:
+    null_version: str = "v1"  # v1 trains A and B, v2 freezes A
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    def __post_init__(self):
+        if isinstance(self.calibration, dict):  # as the method config gives it
+            object.__setattr__(self, "calibration", CalibrationSettings(**self.calibration))
+
+
 @register
 class LoRANull(Method):
     name = "lora_null"
     mutates_base = True
+    Options = Options
 
     def check(self, settings, shapes):
-        if settings.null_version not in VERSIONS:
-            raise ValueError(f"unknown LoRA-Null version {settings.null_version!r}; "
+        options = self.options(settings)
+        if options.null_version not in VERSIONS:
+            raise ValueError(f"unknown LoRA-Null version {options.null_version!r}; "
                              f"valid versions: {', '.join(VERSIONS)}")
-        source = settings.calibration.source
+        source = options.calibration.source
         if not source:
-            raise ValueError("lora_null needs calibration data: set calibration_source=PATH "
+            raise ValueError("lora_null needs calibration data: set calibration.source=PATH "
                              "(a local text or jsonl file)")
-        calibration.read_documents(source, settings.calibration.field)  # names the file if missing or empty
+        calibration.read_documents(source, options.calibration.field)  # names the file if missing or empty
 
     def initialize(self, model, settings, svd, tokenizer=None):
         if tokenizer is None:
             raise ValueError("lora_null needs the model's tokenizer to tokenize its calibration data")
-        cal = settings.calibration
+        options = self.options(settings)
+        cal = options.calibration
         docs = calibration.read_documents(cal.source, cal.field)
         batches = calibration.windows(tokenizer, docs, cal.n_samples, cal.seq_len, cal.seed)
         log.info("LoRA-Null calibration: %d windows of %d tokens from %s (sha256 %s)",
@@ -53,5 +68,5 @@ class LoRANull(Method):
         for name, layer in layers.items():
             U, S, V = null_space_part(layer.base_layer.weight, covs.pop(name), settings.r)
             absorb_svd_part(layer, U, S, V)
-            if settings.null_version == "v2":
+            if options.null_version == "v2":
                 layer.lora_A[ADAPTER].weight.requires_grad_(False)

@@ -6,12 +6,14 @@ and work unchanged, autograd gives the gradients of the paper's formulation, and
 formed. U_k, V_k stay float32 and the projection runs in float32 whatever the model dtype.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from oplora.methods.base import ADAPTER, Method, lora_layers, register
+from oplora.methods.base import ADAPTER, PEFT_PREFIX, Method, lora_layers, register
 
 
 class Orthogonalize(nn.Module):
@@ -78,12 +80,18 @@ def project_once_per_forward(model: nn.Module) -> None:
     model.register_forward_hook(leave, always_call=True)
 
 
+@dataclass(frozen=True)
+class Options:
+    k: int | None = None  # number of preserved singular triples (the paper: 16 or 128)
+
+
 @register
 class OPLoRA(Method):
     name = "oplora"
+    Options = Options
 
     def check(self, settings, shapes):
-        k = settings.k
+        k = self.options(settings).k
         if k is None or k < 1:
             raise ValueError(f"oplora needs a projection rank k >= 1 (the paper uses 16 or 128), got {k}")
         for name, (m, n) in shapes.items():
@@ -91,11 +99,24 @@ class OPLoRA(Method):
                 raise ValueError(f"projection rank k={k} must be below min(m, n)={min(m, n)} of {name} "
                                  f"({m}×{n})")
 
+    def svd_needs(self, settings):
+        return self.options(settings).k, 0
+
     def initialize(self, model, settings, svd, tokenizer=None):
-        for name, layer in tqdm(list(lora_layers(model)), desc=f"oplora-{settings.k} init", unit="matrix"):
-            top = svd.top(layer.base_layer.weight, settings.k, name)
+        k = self.options(settings).k
+        for name, layer in tqdm(list(lora_layers(model)), desc=f"oplora-{k} init", unit="matrix"):
+            top = svd.top(layer.base_layer.weight, k, name)
             for module, basis, side in ((layer.lora_A[ADAPTER], top.V, "right"),
                                         (layer.lora_B[ADAPTER], top.U, "left")):
                 projection = Orthogonalize(basis.to(module.weight.device), side)
                 parametrize.register_parametrization(module, "weight", projection)
         project_once_per_forward(model.base_model.model)
+
+    def export(self, model, directory, initial):
+        """Rank r with the projected factors B' = P_L B, A' = A P_R in float32: plain LoRA, no project code."""
+        state = {}
+        for name, layer in lora_layers(model):
+            A, B = projected_factors(layer)
+            state[f"{PEFT_PREFIX}{name}.lora_A.{ADAPTER}.weight"] = A.cpu()
+            state[f"{PEFT_PREFIX}{name}.lora_B.{ADAPTER}.weight"] = B.cpu()
+        model.save_pretrained(directory, state_dict=state)

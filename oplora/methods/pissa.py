@@ -11,6 +11,9 @@ class PiSSA(Method):
     mutates_base = True
     principal = True  # MiLoRA flips this to take the minor triples
 
+    def svd_needs(self, settings):
+        return (settings.r, 0) if self.principal else (0, settings.r)
+
     def initialize(self, model, settings, svd, tokenizer=None):
         for name, layer in tqdm(list(lora_layers(model)), desc=f"{self.name} init", unit="matrix"):
             W = layer.base_layer.weight

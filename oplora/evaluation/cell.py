@@ -1,10 +1,10 @@
 """Evaluate one trained cell (or the base model) with every stage its domain's table columns need.
 
-    python -m oplora.evaluate experiment=table2 method=oplora16 seed=1 [eval.limit=100] [eval.only=[lm_eval]]
-    python -m oplora.evaluate experiment=table2 method=base          # the untrained reference row
+    python -m oplora.evaluation experiment=table2 method=oplora16 seed=1 [eval.limit=100] [eval.only=[lm_eval]]
+    python -m oplora.evaluation experiment=table2 method=base          # the untrained reference row
 
 Uses the same config as training, so it finds the run in `output_dir` and checks that `run.json`
-was trained with this config. Writes `output_dir/eval/<stage>.json`: metrics per task, details,
+was trained with this config. Writes `eval/<stage>.json` in the run directory: metrics per task, details,
 the evaluated model's identity (base, adapter and its sha256), the training config hash, the stage's
 own hash, package versions. A stage whose result carries the same hash is skipped unless
 `eval.force=true`; an interrupted stage resumes after its last finished task (`<stage>.partial.json`).
@@ -17,17 +17,18 @@ import logging
 import shutil
 from pathlib import Path
 
-import hydra
-import torch
 from omegaconf import DictConfig
 
-from oplora import models
+from oplora.config import trains
 from oplora.evaluation import STAGES
 from oplora.evaluation.target import Target, merged_dir
 from oplora.io import atomic_write_text
-from oplora.record import config_hash, content_hash, provenance, resolved
+from oplora.models import compute_dtype
+from oplora.record import as_dict, config_hash, content_hash, provenance
+from oplora.resources import resolve
+from oplora.rundir import RunDir, read_json
 
-log = logging.getLogger("oplora.evaluate")
+log = logging.getLogger("oplora.evaluation")
 
 
 def stage_tasks(columns) -> dict[str, list[str]]:
@@ -43,36 +44,36 @@ def stage_tasks(columns) -> dict[str, list[str]]:
 
 def target_for(cfg: DictConfig) -> tuple[Target, str]:
     """The model to evaluate and the hash of the training config that produced it."""
-    dtype = cfg.model.dtype if torch.cuda.is_available() else "float32"
-    trust = cfg.model.trust_remote_code
+    dtype, trust = compute_dtype(cfg.model), cfg.model.trust_remote_code
     chash = config_hash(cfg)
-    if cfg.method.name == "base":
-        return Target(models.resolve(cfg.model.path), None, dtype, trust), chash
-    record_path = Path(cfg.output_dir) / "run.json"
-    if not record_path.exists():
-        raise FileNotFoundError(f"{record_path} does not exist: train this cell first "
+    base = resolve(cfg.model.path)
+    if not trains(cfg.method):
+        return Target(base, None, dtype, trust), chash
+    run = RunDir(cfg.output_dir)
+    record = run.trained_record()
+    if record is None:
+        raise FileNotFoundError(f"{run.record} does not exist: train this cell first "
                                 "(python -m oplora.train with the same overrides)")
-    record = json.loads(record_path.read_text())
     if record["config_hash"] != chash:
-        raise ValueError(f"{record_path} was trained with another config (hash {record['config_hash'][:12]}, "
+        raise ValueError(f"{run.record} was trained with another config (hash {record['config_hash'][:12]}, "
                          f"this config {chash[:12]}); retrain it or evaluate with its own overrides")
-    return Target(record["base_model"], record["adapter"], dtype, trust), chash
+    return Target(base, str(run.adapter), dtype, trust), chash
 
 
 def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str, merged) -> tuple[Path, bool]:
     """Run (or skip, when finished with the same hash) one stage; (its result file, whether it ran)."""
-    run_dir = Path(cfg.output_dir)
-    out = run_dir / "eval" / f"{name}.json"
-    settings = resolved(cfg.eval[name])
+    run = RunDir(cfg.output_dir)
+    out = run.eval_result(name)
+    settings = as_dict(cfg.eval[name])
     limit = settings.get("limit") or cfg.eval.limit
     identity = target.identity()
     key = content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": limit,
                         "target": identity, "train_config_hash": chash})
-    if out.exists() and json.loads(out.read_text())["stage_hash"] == key and not cfg.eval.force:
+    if (read_json(out) or {}).get("stage_hash") == key and not cfg.eval.force:
         log.info("%s: finished with these settings (hash %s); eval.force=true redoes it", out, key[:12])
         return out, False
-    partial_path = out.with_name(f"{name}.partial.json")
-    partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    partial_path = run.eval_partial(name)
+    partial = read_json(partial_path) or {}
     if partial.get("stage_hash") != key or cfg.eval.force:
         partial = {"stage_hash": key, "tasks": {}}
     stage = None
@@ -83,11 +84,11 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
         log.info("%s/%s: evaluating %s", name, task, target.adapter or target.base)
         if stage is None:
             use_merged = STAGES[name].generates or cfg.eval.merge
-            stage = STAGES[name](target, settings, limit, out.parent / name, merged() if use_merged else None)
+            stage = STAGES[name](target, settings, limit, run.eval_work(name), merged() if use_merged else None)
         partial["tasks"][task] = stage.run(task)
         atomic_write_text(partial_path, json.dumps(partial, indent=2))
     results = partial["tasks"].values()
-    record = {"stage": name, "stage_hash": key, "run": str(run_dir), "target": identity,
+    record = {"stage": name, "stage_hash": key, "run": str(run.root), "target": identity,
               "train_config_hash": chash, "settings": settings, "limit": limit, "tasks": tasks,
               "metrics": {k: v for r in results for k, v in r["metrics"].items()},
               "details": {k: v for r in results for k, v in r["details"].items()}, **provenance()}
@@ -105,7 +106,7 @@ def evaluate(cfg: DictConfig) -> dict[str, tuple[Path, bool]]:
     unknown = [s for s in only if s not in wanted]
     if unknown:
         raise ValueError(f"eval.only names {unknown}; this domain's columns use the stages {', '.join(wanted)}")
-    merge_to = Path(cfg.output_dir) / "merged"
+    merge_to = RunDir(cfg.output_dir).merged
     cache: list[str] = []
 
     def merged() -> str:
@@ -119,11 +120,3 @@ def evaluate(cfg: DictConfig) -> dict[str, tuple[Path, bool]]:
         shutil.rmtree(merge_to)
     return outputs
 
-
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
-
-if __name__ == "__main__":
-    main()

