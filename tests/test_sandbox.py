@@ -3,11 +3,17 @@
 import json
 import logging
 import socket
+from pathlib import Path
 
+import evaluate
 import pytest
 
 from oplora import sandbox
+from oplora.demo_data import MC_TASK
 from oplora.evaluation.code import evaluate_samples, humaneval_plus_file, run_evalplus
+from oplora.evaluation.code_eval import sandboxed_code_eval
+
+ORIGINAL_LOAD = evaluate.load
 
 SECRET = "OPLORA_TEST_SECRET_TOKEN"
 
@@ -83,3 +89,53 @@ def test_refuses_without_bwrap_and_names_the_fix(tmp_path, monkeypatch):
         sandbox._probe.cache_clear()
     with pytest.raises(ValueError, match="valid: bwrap, none"):
         sandbox.require("docker")
+
+
+def load_mbpp_utils():
+    """lm_eval's own mbpp metric module: it loads code_eval and runs a self-test at import."""
+    import importlib.util
+
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / "tasks" / "mbpp" / "utils.py"
+    spec = importlib.util.spec_from_file_location("mbpp_utils_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lm_eval_mbpp_metric_runs_generations_in_the_sandbox(tmp_path, listener):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    attacks, probes = payloads(outside, listener)[:2], payloads(outside, listener)[2:]
+    with sandboxed_code_eval("bwrap"):
+        utils = load_mbpp_utils()  # offline: code_eval is not fetched from the hub
+        honest = utils.pass_at_1(["assert add(2, 3) == 5"], [["def add(a, b):\n    return a + b"]])
+        wrong = utils.pass_at_1(["assert add(2, 3) == 5"], [["def add(a, b):\n    return a * b"]])
+        attacked = [utils.pass_at_1(["assert True"], [[code]]) for code in attacks]
+        probed = [utils.pass_at_1(["assert True"], [[code]]) for code in probes]
+    assert (honest, wrong) == (1.0, 0.0)
+    assert attacked == [1.0, 1.0] and list(outside.iterdir()) == []
+    assert probed == [1.0, 1.0, 1.0]  # uid 65534, the secret not visible, the host's loopback not reachable
+    assert evaluate.load is ORIGINAL_LOAD  # restored after the block
+
+    with sandboxed_code_eval("none"):  # the control: unsandboxed, the same generations escape
+        utils = load_mbpp_utils()
+        assert [utils.pass_at_1(["assert True"], [[code]]) for code in probes] == [0.0, 0.0, 0.0]
+        utils.pass_at_1(["assert True"], [[attacks[0]]])
+    assert (outside / "io-open.txt").exists()
+
+
+def test_unsafe_task_without_code_eval_is_refused(tmp_path):
+    """A task marked unsafe_code that does not go through code_eval would execute code outside the sandbox."""
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "1 + 1 =", "choices": ["2", "3"], "label": 0}) + "\n")
+    task = MC_TASK.format(name="toy_unsafe", data=tmp_path / "rows.jsonl", version=1, delimiter=" ")
+    (tmp_path / "toy_unsafe.yaml").write_text(task + "unsafe_code: true\n")
+    manager = TaskManager(include_path=[str(tmp_path)], include_defaults=False)
+    with sandboxed_code_eval("bwrap", manager), pytest.raises(RuntimeError, match=r"\['toy_unsafe'\] execute code "
+                                                                                  r"without HF code_eval"):
+        manager.load(["toy_unsafe"])
+    with sandboxed_code_eval("none", manager):
+        assert list(manager.load(["toy_unsafe"])["tasks"]) == ["toy_unsafe"]
