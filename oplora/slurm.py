@@ -60,7 +60,8 @@ def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix:
     if step.array is not None:
         if step.array < 1:
             raise ValueError(f"step {step.name!r}: array must be >= 1, got {step.array}")
-        limit = f"%{_checked(settings['max_parallel'], 'launcher.max_parallel')}" if settings.get("max_parallel") else ""
+        parallel = settings.get("max_parallel")
+        limit = f"%{_checked(parallel, 'launcher.max_parallel')}" if parallel else ""
         header.append(f"--array=0-{step.array - 1}{limit}")
     for key in ("partition", "account"):
         if settings.get(key):

@@ -38,7 +38,8 @@ def payloads(outside, port) -> list[str]:
     """Module-level code appended to canonical solutions: two attacks (errors ignored) and three isolation probes
     (an AssertionError fails the problem, so a probe's problem passes only when the sandbox holds)."""
     return [
-        f"try:\n    import io\n    io.open({str(outside / 'io-open.txt')!r}, 'w').write('written')\nexcept Exception:\n    pass\n",
+        f"try:\n    import io\n    io.open({str(outside / 'io-open.txt')!r}, 'w').write('written')\n"
+        "except Exception:\n    pass\n",
         "try:\n    import ctypes\n    ctypes.CDLL(None).system("
         f"{('id > ' + str(outside / 'id.txt')).encode()!r})\nexcept Exception:\n    pass\n",
         "import os\nassert os.getuid() == os.geteuid() == 65534, os.getuid()\n",
@@ -51,8 +52,10 @@ def run_samples(tmp_path, outside, port, mode):
     problems = [json.loads(line) for line in open(humaneval_plus_file(tmp_path / "he.jsonl", limit=6))]
     attacks = payloads(outside, port) + [""]  # the last problem: the honest canonical solution alone
     samples = tmp_path / "samples.jsonl"
-    samples.write_text("".join(json.dumps({"task_id": p["task_id"], "solution": p["prompt"] + p["canonical_solution"]
-                                           + "\n" + attack}) + "\n" for p, attack in zip(problems, attacks)))
+    solutions = [p["prompt"] + p["canonical_solution"] + "\n" + attack
+                 for p, attack in zip(problems, attacks, strict=True)]
+    samples.write_text("".join(json.dumps({"task_id": p["task_id"], "solution": s}) + "\n"
+                               for p, s in zip(problems, solutions, strict=True)))
     result = evaluate_samples(samples, "humaneval", tmp_path / "he.jsonl", sandbox_mode=mode)
     return [d["base"] for d in result["details"]], result["metrics"]["humaneval"]["pass@1"]
 

@@ -51,7 +51,8 @@ class SandboxedCodeEval:
 
     def compute(self, predictions: list[list[str]], references: list[str], k: list[int] = (1, 10, 100),
                 num_workers: int = 4, timeout: float = 3.0) -> tuple[dict, dict]:
-        programs = [f"{candidate}\n{test}" for candidates, test in zip(predictions, references) for candidate in candidates]
+        programs = [f"{candidate}\n{test}"
+                    for candidates, test in zip(predictions, references, strict=True) for candidate in candidates]
         with tempfile.TemporaryDirectory(prefix="oplora-code-eval-") as scratch:
             (Path(scratch) / "programs.json").write_text(json.dumps(programs))
             done = sandbox.run([sys.executable, "-c", RUNNER, str(timeout), str(num_workers)], scratch, {}, self.mode,
