@@ -142,3 +142,66 @@ def test_unsafe_task_without_code_eval_is_refused(tmp_path):
         manager.load(["toy_unsafe"])
     with sandboxed_code_eval("none", manager):
         assert list(manager.load(["toy_unsafe"])["tasks"]) == ["toy_unsafe"]
+
+
+CODE_TASK = """task: toy_code
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+unsafe_code: true
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{test}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+filter_list:
+  - name: blank
+    filter:
+      - function: custom
+        filter_fn: !function utils.blank
+metric_list:
+  - metric: !function utils.pass_at_1
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1
+"""
+CODE_UTILS = '''import evaluate as hf_evaluate
+
+pass_at_k = hf_evaluate.load("code_eval")  # as lm_eval's mbpp does
+
+
+def blank(resps, docs):  # a random tiny model writes no code: score the tests alone
+    return [["" for _ in resp] for resp in resps]
+
+
+def pass_at_1(references, predictions):
+    return pass_at_k.compute(references=references, predictions=predictions, k=[1])[0]["pass@1"]
+'''
+
+
+def test_lm_eval_stage_scores_generated_code_only_in_the_sandbox(tiny_dirs, tmp_path, listener):
+    """lm_eval's evaluate_task end to end on a task built like mbpp: generate, then code_eval in the sandbox."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from oplora.evaluation.harness import evaluate_task
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tests = [*payloads(outside, listener), "assert sorted([3, 1, 2]) == [1, 2, 3]"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": f"def f{i}():", "test": test}) + "\n"
+                                                 for i, test in enumerate(tests)))
+    (tmp_path / "toy_code.yaml").write_text(CODE_TASK.format(data=tmp_path / "rows.jsonl"))
+    (tmp_path / "utils.py").write_text(CODE_UTILS)
+    settings = {"sandbox": "bwrap", "allow_code_execution": True, "num_fewshot": {}, "metrics": ["pass_at_1"],
+                "include_path": []}
+    lm = HFLM(pretrained=str(tiny_dirs["llama"]), dtype="float32", batch_size=4, device="cpu")
+    result = evaluate_task(lm, "toy_code", settings, None, tmp_path / "samples.jsonl",
+                           TaskManager(include_path=[str(tmp_path)], include_defaults=False))
+    assert result["metrics"]["toy_code"]["value"] == 1.0  # every probe held, the honest test passed
+    assert list(outside.iterdir()) == []
