@@ -88,6 +88,8 @@ def test_refuses_without_bwrap_and_names_the_fix(tmp_path, monkeypatch):
         with pytest.raises(sandbox.SandboxUnavailable, match=r"apt-get install bubblewrap.*eval\.sandbox=none"):
             run_evalplus("unused-model", tmp_path / "out", dataset="humaneval", limit=1)
         assert not (tmp_path / "out").exists(), "refused before generating anything"
+        with sandboxed_code_eval("bwrap"), pytest.raises(sandbox.SandboxUnavailable, match="apt-get install"):
+            load_mbpp_utils()  # lm_eval's mbpp: refused when the task loads, before generation
     finally:
         sandbox._probe.cache_clear()
     with pytest.raises(ValueError, match="valid: bwrap, none"):

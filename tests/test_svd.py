@@ -143,8 +143,14 @@ def shifted(entry: dict) -> dict:
             "S_top": entry["S_top"][1:].contiguous(), "top": entry["top"] - 1}
 
 
+def other_matrix(entry: dict) -> dict:
+    """The exact triples of another matrix of the same shape."""
+    return SVDCache(min_rank=32)._compute(spectrum_matrix(256, 192, seed=5).float(), entry["top"], 0, "other")
+
+
 @pytest.mark.parametrize("corrupt, problem", [(rotted, "top triples do not fit the matrix"),
-                                              (shifted, "triples missing")])
+                                              (shifted, "triples missing"),
+                                              (other_matrix, "top triples do not fit the matrix")])
 def test_consistent_but_wrong_entry_fails_against_W(tmp_path, caplog, corrupt, problem):
     W = spectrum_matrix(256, 192).float()
     cache = SVDCache(tmp_path, min_rank=32)

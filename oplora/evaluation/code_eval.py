@@ -73,13 +73,14 @@ class SandboxedCodeEval:
 def sandboxed_code_eval(mode: str, task_manager=None):
     """`evaluate.load("code_eval")` gives `SandboxedCodeEval(mode)` inside the block; with `task_manager`, its loaded
     tasks marked `unsafe_code` must have loaded code_eval (else they would execute code outside the sandbox). The
-    sandbox itself is required on first use: tasks that execute no code run without bwrap."""
+    sandbox itself is required when a task loads code_eval (before generation): tasks that run no code need no bwrap."""
     sandbox.check_mode(mode)
     original_load, original_tasks = evaluate.load, task_manager.load if task_manager else None
     used = []
 
     def load(path, *args, **kwargs):
         if str(path).rstrip("/").rsplit("/", 1)[-1] == "code_eval":
+            sandbox.require(mode)  # at task load: before any generation
             used.append(path)
             return SandboxedCodeEval(mode)
         return original_load(path, *args, **kwargs)
