@@ -146,6 +146,22 @@ def test_unsafe_task_without_code_eval_is_refused(tmp_path):
         assert list(manager.load(["toy_unsafe"])["tasks"]) == ["toy_unsafe"]
 
 
+def test_code_task_loads_again_in_a_later_stage(tmp_path):
+    """lm_eval caches task modules in sys.modules: a second stage in the same process (the next cell) must still get
+    a sandboxed code_eval, not be refused because the cached module did not load code_eval again."""
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "def f():", "test": "assert True"}) + "\n")
+    (tmp_path / "toy_code.yaml").write_text(CODE_TASK.format(data=tmp_path / "rows.jsonl"))
+    (tmp_path / "utils.py").write_text(CODE_UTILS)
+    manager = TaskManager(include_path=[str(tmp_path)], include_defaults=False)
+    for _ in range(2):
+        with sandboxed_code_eval("bwrap", manager):
+            task = manager.load(["toy_code"])["tasks"]["toy_code"]
+            metric = task._metric_fn_list["pass_at_1"]
+            assert metric(references=["import os\nassert os.getuid() == 65534"], predictions=[[""]]) == 1.0
+
+
 CODE_TASK = """task: toy_code
 dataset_path: json
 dataset_kwargs:

@@ -193,9 +193,9 @@ def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override
              + (["--trust_remote_code"] if trust_remote_code else []), dataset, dataset_file,
              {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
     (samples,) = [p for p in (root / dataset).glob("*.jsonl") if not p.name.endswith(".raw.jsonl")]
-    return {**evaluate_samples(samples, dataset, dataset_file, sandbox_mode), "samples": str(samples),
-            "backend": backend,
-            "dataset_file": str(dataset_file), "dataset_sha256": hashlib.sha256(dataset_file.read_bytes()).hexdigest()}
+    result = evaluate_samples(samples, dataset, dataset_file, sandbox_mode)
+    return {**result, "samples": str(samples), "backend": backend, "dataset_file": str(dataset_file),
+            "dataset_sha256": hashlib.sha256(dataset_file.read_bytes()).hexdigest()}
 
 
 class Stage:

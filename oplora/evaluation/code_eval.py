@@ -75,6 +75,9 @@ def sandboxed_code_eval(mode: str, task_manager=None):
     tasks marked `unsafe_code` must have loaded code_eval (else they would execute code outside the sandbox). The
     sandbox itself is required when a task loads code_eval (before generation): tasks that run no code need no bwrap."""
     sandbox.check_mode(mode)
+    for name, module in list(sys.modules.items()):  # task code lm_eval's YAML loader imported (it marks it with
+        if "__mtime__" in getattr(module, "__dict__", {}):  # __mtime__) is re-imported here, so that it loads
+            del sys.modules[name]  # code_eval from this block, never a copy kept from elsewhere
     original_load, original_tasks = evaluate.load, task_manager.load if task_manager else None
     used = []
 
