@@ -57,15 +57,16 @@ def test_randomized_mode_reports_its_residual(tmp_path):
     assert crude.residual > 10 * rand.residual  # the residual tells a poor approximation apart
 
 
-def test_corrupt_entry_is_recomputed(tmp_path, caplog):
+@pytest.mark.parametrize("damage", [lambda raw: b"not a safetensors file", lambda raw: raw[: len(raw) // 2]])
+def test_corrupt_or_truncated_entry_is_recomputed(tmp_path, caplog, damage):
     W = spectrum_matrix().float()
     cache = SVDCache(tmp_path, min_rank=4)
     good = cache.top(W, 4)
     path = next(cache.dir.glob("*.safetensors"))
-    path.write_bytes(b"not a safetensors file")
+    path.write_bytes(damage(path.read_bytes()))
     again = cache.top(W, 4)
     assert torch.equal(again.S, good.S)
-    assert str(path) in caplog.text
+    assert f"ignoring unreadable SVD cache file {path}" in caplog.text
 
 
 def build_entry(root: str, seed: int, queue) -> None:
