@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oplora.diagnose import diagnose, rho
 from oplora.svd import SVDCache, matrix_key
 
 
@@ -163,6 +162,8 @@ def test_consistent_but_wrong_entry_fails_against_W(tmp_path, caplog, corrupt, p
 
 def test_diagnose_measures_against_W_not_the_training_cache(tmp_path, caplog):
     """OPLoRA trained against a rotted cache protects the wrong subspace; diagnose must report the true ρ."""
+    from oplora.diagnose import diagnose, rho  # here: the spawned workers above import this module, keep it light
+
     W = spectrum_matrix(256, 192).float()
     cache = SVDCache(tmp_path, min_rank=32)
     cache.top(W, 16)
