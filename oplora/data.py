@@ -8,6 +8,7 @@ are cached on disk by a hash of everything that decides their content.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import string
 from pathlib import Path
@@ -24,12 +25,34 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
+def check_limit(limit) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"data.limit={limit!r} must be a positive integer (the first N records) or null (all)")
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse an empty or non-UTF-8 file, naming it, the offending byte offset and the fix."""
+    decoder, offset, content = codecs.getincrementaldecoder("utf-8")(), 0, False
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                content |= bool(decoder.decode(chunk).strip())
+            except UnicodeDecodeError as err:
+                raise ValueError(f"data file {path} is not UTF-8 (byte 0x{chunk[err.start]:02x} at offset "
+                                 f"{offset + err.start}): convert it, e.g. iconv -f latin1 -t utf-8") from err
+            offset += len(chunk)
+    if not content:
+        raise ValueError(f"data file {path} is empty: data.path must name a json/jsonl file with records")
+
+
 def load_records(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
     """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; `limit` keeps the first rows."""
+    check_limit(limit)
     local = Path(resolve(path))
     if local.suffix in (".json", ".jsonl"):
         if not local.is_file():
             raise FileNotFoundError(f"data file {local} does not exist")
+        check_text_file(local)
         try:
             records = datasets.load_dataset("json", data_files={split: str(local)}, split=split)
         except Exception as err:  # datasets wraps parser errors in several types
@@ -48,9 +71,16 @@ def fields_of(template: str) -> list[str]:
 
 
 def check_fields(records: datasets.Dataset, path: str, *templates: str) -> None:
-    missing = sorted({f for t in templates for f in fields_of(t)} - set(records.column_names))
+    """Every field the templates use exists, and no record leaves it null or missing (it would train on "None")."""
+    used = sorted({f for t in templates for f in fields_of(t)})
+    missing = [f for f in used if f not in records.column_names]
     if missing:
         raise ValueError(f"data {path} has no field(s) {missing}; its fields are {records.column_names}")
+    for field in used:
+        index = next((i for i, value in enumerate(records[field]) if value is None), None)
+        if index is not None:
+            raise ValueError(f"data {path}: record {index} (0-based) has no value for field {field!r} (null or "
+                             "missing); fix or drop that record")
 
 
 def encode(record: dict, tokenizer, query: str, response: str, max_length: int) -> dict:

@@ -11,6 +11,10 @@ W_res + s·B A − W for base-mutating methods) and top singular triples (u_i, �
 
 Everything is computed in float64; the report also aggregates each quantity over modules.
 
+The measurement does not trust the training's SVD cache: W is read from the base model's own files, and every
+triple taken from the cache is verified against that W on read (checksums, residuals, orthonormality, no missing
+top triple: `oplora.svd.verify`); an entry that fails is recomputed from W, with a warning naming the file.
+
     python -m oplora.diagnose BASE ADAPTER --k 8 16 32 64 128 [--out report.json]
 """
 
@@ -22,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -77,16 +81,27 @@ def diagnose(original: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
     return {"ks": ks, "aggregate": aggregate, "modules": modules}
 
 
+def unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is truncated or corrupt; "
+                      "re-download, re-convert or re-export it")
+
+
 def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
     """ΔW = s·B A (float64) of every module of a saved plain PEFT LoRA adapter."""
     adapter = Path(adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise unreadable(adapter / "adapter_config.json", err) from err
     special = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(key)]
     if config.get("peft_type", "LORA") != "LORA" or special:
         raise ValueError(f"{adapter}: only plain LoRA adapters (no DoRA, rank or alpha patterns) are supported")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (r**0.5 if config.get("use_rslora") else r)
-    tensors = load_file(adapter / "adapter_model.safetensors")
+    try:
+        tensors = load_file(adapter / "adapter_model.safetensors")
+    except SafetensorError as err:
+        raise unreadable(adapter / "adapter_model.safetensors", err) from err
     deltas = {}
     for key, A in tensors.items():
         if ".lora_A." in key:
@@ -125,9 +140,12 @@ def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"{path} holds no *.safetensors weights")
     for file in files:
-        with safe_open(file, "pt") as f:
-            for key in set(f.keys()) & wanted.keys():
-                found[wanted[key]] = f.get_tensor(key)
+        try:
+            with safe_open(file, "pt") as f:
+                for key in set(f.keys()) & wanted.keys():
+                    found[wanted[key]] = f.get_tensor(key)
+        except SafetensorError as err:
+            raise unreadable(file, err) from err
     missing = sorted(set(names) - found.keys())
     if missing:
         raise KeyError(f"{path}: no weights for adapted modules {missing[:3]}{'…' if len(missing) > 3 else ''}")

@@ -41,26 +41,49 @@ class Step:
         return (self.after,) if isinstance(self.after, str) else tuple(self.after or ())
 
 
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+NAME_CHARS = "letters, digits, '.', '_' and '-'"
+NAME_LIST = re.compile(r"[A-Za-z0-9._,-]+")  # partitions, accounts: a comma-separated list
+OPTION = re.compile(r"--?[^\s\x00-\x1f\x7f]+")
+SAFE_VALUE = re.compile(r"[^\s\x00-\x1f\x7f]+")  # one #SBATCH word: no whitespace, no control characters
+
+
+def _checked(value: Any, setting: str, pattern: re.Pattern = SAFE_VALUE,
+             allowed: str = "any character except whitespace and control characters") -> str:
+    """`value` as text for an #SBATCH line, refused when it could end the line or split the directive."""
+    text = str(value)
+    if not pattern.fullmatch(text):
+        raise ValueError(f"{setting} = {text!r} cannot go into an #SBATCH line: allowed are {allowed} (a newline "
+                         f"would inject script lines, a space makes an invalid directive); rename it")
+    return text
+
+
 def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix: str, workdir: Path,
            env: Mapping[str, str]) -> str:
-    """The sbatch script text for one step."""
-    header = [f"--job-name={job_prefix}-{step.name}"]
+    """The sbatch script text for one step; every header value is checked (`_checked`) before it is used."""
+    name = _checked(f"{job_prefix}-{step.name}", "the job name (from experiment_name)", NAME, NAME_CHARS)
+    header = [f"--job-name={name}"]
     if step.array is not None:
         if step.array < 1:
             raise ValueError(f"step {step.name!r}: array must be >= 1, got {step.array}")
-        limit = f"%{settings['max_parallel']}" if settings.get("max_parallel") else ""
+        parallel = settings.get("max_parallel")
+        limit = f"%{_checked(parallel, 'launcher.max_parallel')}" if parallel else ""
         header.append(f"--array=0-{step.array - 1}{limit}")
     for key in ("partition", "account"):
         if settings.get(key):
-            header.append(f"--{key}={settings[key]}")
-    gpus = int((settings.get("gpus") if step.gpus is None else step.gpus) or 0)
-    if gpus > 0:
-        header.append(f"--gres=gpu:{gpus}")
-    header += [f"--cpus-per-task={settings['cpus_per_task']}", f"--mem={settings['mem']}",
-               f"--time={settings['time']}"]
+            value = _checked(settings[key], f"launcher.{key}", NAME_LIST, NAME_CHARS + " and commas")
+            header.append(f"--{key}={value}")
+    gpus = settings.get("gpus") if step.gpus is None else step.gpus
+    if int(gpus or 0) > 0:
+        header.append(f"--gres=gpu:{_checked(gpus, 'launcher.gpus')}")
+    header += [f"--{option.replace('_', '-')}={_checked(settings[option], f'launcher.{option}')}"
+               for option in ("cpus_per_task", "mem", "time")]
     pattern = "%x-%A_%a.out" if step.array is not None else "%x-%j.out"
-    header += [f"--output={Path(directory) / 'logs' / pattern}", "--requeue", "--open-mode=append"]
-    header += list(settings.get("extra") or [])
+    output = _checked(Path(directory) / "logs" / pattern, "the log path (from pipeline.results_dir / experiment_name)")
+    header += [f"--output={output}", "--requeue", "--open-mode=append"]
+    header += [_checked(option, "launcher.extra", OPTION,
+                        "options like --qos=high: a leading '-', then no whitespace or control characters")
+               for option in settings.get("extra") or []]
     lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in header), "", "set -euo pipefail",
              f"cd {shlex.quote(str(workdir))}"]
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in env.items()]
@@ -78,7 +101,6 @@ def submit(steps: list[Step], settings: Mapping[str, Any], directory: Path, job_
     only the scripts are written and every id is None.
     """
     directory = Path(directory)
-    (directory / "logs").mkdir(parents=True, exist_ok=True)
     names = [step.name for step in steps]
     for i, step in enumerate(steps):
         if names.count(step.name) > 1:
@@ -86,10 +108,12 @@ def submit(steps: list[Step], settings: Mapping[str, Any], directory: Path, job_
         for after in step.depends_on:
             if after not in names[:i]:
                 raise ValueError(f"step {step.name!r} runs after {after!r}, which is not an earlier step")
+    texts = {step.name: render(step, settings, directory, job_prefix, workdir, env or {}) for step in steps}
+    (directory / "logs").mkdir(parents=True, exist_ok=True)  # only once every script rendered
     scripts = {}
     for step in steps:
         scripts[step.name] = directory / f"{step.name}.sbatch"
-        atomic_write_text(scripts[step.name], render(step, settings, directory, job_prefix, workdir, env or {}))
+        atomic_write_text(scripts[step.name], texts[step.name])
     if not settings.get("submit", True):
         return dict.fromkeys(names)
     ids: dict[str, str | None] = {}

@@ -6,6 +6,12 @@ the top triples, MiLoRA the bottom ones. Exact mode runs one full SVD in float64
 ends; randomized mode (`torch.svd_lowrank`, by default 2×top columns and 6 power iterations)
 keeps the top and records its residual. Files are
 safetensors, written atomically under a per-entry lock so that concurrent builders agree.
+
+Every read is verified, so that a damaged or wrong entry can never reach training or diagnostics: the xxh3-128
+checksum of each tensor stored in the file's metadata must match, and the triples must fit the matrix W they are
+read for (`verify`, O(mnk), far below an SVD): residuals max_i ‖W v_i − σ_i u_i‖/σ_1, orthonormality of U and V, and
+no singular value above σ_k left in W − U_k S_k V_kᵀ (power iteration). An entry that fails is named in a warning and
+recomputed.
 """
 
 from __future__ import annotations
@@ -41,11 +47,47 @@ def matrix_key(W: torch.Tensor) -> str:
     return f"{W.shape[0]}x{W.shape[1]}-{str(W.dtype).removeprefix('torch.')}-{digest}"
 
 
+def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: xxhash.xxh3_128_hexdigest(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+            for name, t in sorted(tensors.items())}
+
+
 def triple_residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> float:
     W64, U64, S64, V64 = W.double(), U.double(), S.double(), V.double()
     right = torch.linalg.vector_norm(W64 @ V64 - U64 * S64, dim=0)
     left = torch.linalg.vector_norm(W64.T @ U64 - V64 * S64, dim=0)
     return float(torch.maximum(right, left).max() / S64.max())  # top triples: S64.max() is σ₁
+
+
+VERIFY_TOLERANCE = 1e-5  # float32 storage of exact triples leaves residuals near 1e-7
+
+
+def verify(W: torch.Tensor, entry: dict, power_iterations: int = 8) -> str | None:
+    """None when the entry's triples fit W, else what is wrong (see the module docstring); float64, O(mnk)."""
+    W64 = W.detach().double()
+    sigma_1 = float(entry["S_top"][0])
+    tolerance = VERIFY_TOLERANCE + 2 * entry["residual"]  # randomized entries are approximations
+    for end in ("top", "bot") if entry["bottom"] else ("top",):
+        U, S, V = (entry[f"{x}_{end}"].double().to(W64.device) for x in "USV")
+        residual = float(torch.linalg.vector_norm(W64 @ V - U * S, dim=0).max()) / sigma_1
+        if residual > tolerance:
+            return f"{end} triples do not fit the matrix: max ‖W v_i − σ_i u_i‖/σ_1 = {residual:.2e} > {tolerance:.0e}"
+        for name, Q in (("U", U), ("V", V)):
+            gap = float((Q.T @ Q - torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)).abs().max())
+            if gap > tolerance:
+                return f"{name}_{end} is not orthonormal: max |QᵀQ − I| = {gap:.2e} > {tolerance:.0e}"
+    U, S, V = (entry[f"{x}_top"].double().to(W64.device) for x in "USV")
+    x = torch.randn(W64.shape[1], dtype=W64.dtype, device=W64.device, generator=torch.Generator(W64.device)
+                    .manual_seed(0))
+    rest = 0.0
+    for _ in range(power_iterations):  # the largest singular value left after removing the cached top triples
+        x = x / torch.linalg.vector_norm(x)
+        y = W64 @ x - U @ (S * (V.T @ x))
+        rest = float(torch.linalg.vector_norm(y))
+        x = W64.T @ y - V @ (S * (U.T @ y))
+    if rest > float(S[-1]) + tolerance * sigma_1:
+        return f"W keeps a singular value {rest:.4g} above the last cached σ_k = {float(S[-1]):.4g}: triples missing"
+    return None
 
 
 class SVDCache:
@@ -72,8 +114,8 @@ class SVDCache:
         return Triples(entry["U_bot"][:, -r:], entry["S_bot"][-r:], entry["V_bot"][:, -r:], 0.0)
 
     def has(self, W: torch.Tensor, top: int, bottom: int = 0) -> bool:
-        """Whether the cache already holds `top` largest and `bottom` smallest triples of W."""
-        return self._covers(self._load(self._path(W), W.device), top, bottom)
+        """Whether the cache already holds `top` largest and `bottom` smallest triples of W (verified)."""
+        return self._covers(self._load(self._path(W), W), top, bottom)
 
     # -- internals ---------------------------------------------------------------------------
     def _path(self, W: torch.Tensor) -> Path:
@@ -84,11 +126,11 @@ class SVDCache:
         if max(top, bottom) > rank:
             raise ValueError(f"{name or 'matrix'} {tuple(W.shape)} has only {rank} singular triples")
         path = self._path(W)
-        entry = self._load(path, W.device)
+        entry = self._load(path, W)
         if not self._covers(entry, top, bottom):
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
-                entry = self._load(path, W.device)  # another process may have written it meanwhile
+                entry = self._load(path, W)  # another process may have written it meanwhile
                 if not self._covers(entry, top, bottom):
                     have_top, have_bottom = (entry["top"], entry["bottom"]) if entry else (0, 0)
                     entry = self._compute(W, max(top, have_top), max(bottom, have_bottom), name)
@@ -130,18 +172,30 @@ class SVDCache:
     def _save(path: Path, entry: dict) -> None:
         tensors = {k: v.cpu() for k, v in entry.items() if isinstance(v, torch.Tensor)}
         meta = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+        meta["checksums"] = tensor_checksums(tensors)
         with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata={"oplora": json.dumps(meta)})
 
     @staticmethod
-    def _load(path: Path, device: torch.device) -> dict | None:
+    def _load(path: Path, W: torch.Tensor) -> dict | None:
+        """The entry at `path`, verified against its checksums and against W; None (with a warning) if it fails."""
         if not path.exists():
             return None
         try:
-            entry = load_file(path, device=str(device))
+            tensors = load_file(path, device=str(W.device))
             with safe_open(path, "pt") as f:
-                entry.update(json.loads(f.metadata()["oplora"]))
-            return entry
+                entry = json.loads(f.metadata()["oplora"])
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
             log.warning("ignoring unreadable SVD cache file %s (%s); recomputing", path, err)
             return None
+        checksums = entry.pop("checksums", None)
+        if checksums is None:
+            problem = "no stored checksums (written by an older version)"
+        elif bad := [name for name, sum_ in tensor_checksums(tensors).items() if checksums.get(name) != sum_]:
+            problem = f"checksum mismatch in {', '.join(bad)}"
+        else:
+            problem = verify(W, {**entry, **tensors})
+        if problem:
+            log.warning("SVD cache file %s fails verification (%s); recomputing", path, problem)
+            return None
+        return {**entry, **tensors}

@@ -91,6 +91,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={value!r} must be a positive number")
     if not 0 <= cfg.train.lora_dropout < 1 or not 0 <= cfg.train.warmup_ratio < 1:
         raise ValueError("train.lora_dropout and train.warmup_ratio must lie in [0, 1)")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    steps = cfg.train.max_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps > 0):
+        raise ValueError(f"train.max_steps={steps!r} must be -1 (train all epochs) or a positive integer")
+    data.check_limit(cfg.data.limit)
 
 
 def world_size() -> int:

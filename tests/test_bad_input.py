@@ -1,10 +1,18 @@
-"""Impossible settings are refused with a clear message before any compute."""
+"""Impossible settings and damaged inputs are refused with a clear message naming the setting or file."""
+
+import json
 
 import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
-from helpers import adapt, settings
+from helpers import adapt, compose, settings
+from oplora.data import tokenized
+from oplora.diagnose import adapter_deltas, base_weights
 from oplora.methods import AdapterSettings
 from oplora.svd import SVDCache
+from oplora.train import check_config
 
 
 def refused(tiny_dirs, s, match, tmp_path):
@@ -57,3 +65,73 @@ def test_unknown_method_and_svd_mode(tiny_dirs, tmp_path):
     refused(tiny_dirs, settings("dora"), "unknown method 'dora'; valid methods: lora, lora_null", tmp_path)
     with pytest.raises(ValueError, match="valid modes: exact, randomized"):
         SVDCache(tmp_path, mode="lanczos")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dirs):
+    return AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+
+
+def data_refused(tokenizer, tmp_path, match, *overrides):
+    with pytest.raises(ValueError, match=match):
+        tokenized(compose("data=local", *overrides).data, tokenizer, tmp_path)
+
+
+def test_data_file_errors_name_the_file_record_and_field(tokenizer, tmp_path):
+    good = '{"query": "1+1?", "response": "2"}\n'
+    (tmp_path / "latin1.jsonl").write_bytes((good + '{"query": "café?", "response": "oui"}\n').encode("latin-1"))
+    offset = len(good) + len('{"query": "caf')
+    data_refused(tokenizer, tmp_path, rf"latin1.jsonl is not UTF-8 \(byte 0xe9 at offset {offset}\): convert it",
+                 f"data.path={tmp_path / 'latin1.jsonl'}")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    data_refused(tokenizer, tmp_path, "data file .*blank.jsonl is empty: data.path must name",
+                 f"data.path={tmp_path / 'blank.jsonl'}")
+    (tmp_path / "null.jsonl").write_text(good * 3 + '{"query": "2+2?", "response": null}\n')
+    data_refused(tokenizer, tmp_path, r"null.jsonl: record 3 \(0-based\) has no value for field 'response' \(null "
+                 "or missing\\); fix or drop", f"data.path={tmp_path / 'null.jsonl'}")
+    (tmp_path / "missing.jsonl").write_text(good + '{"response": "4"}\n' + good)
+    data_refused(tokenizer, tmp_path, r"missing.jsonl: record 1 \(0-based\) has no value for field 'query'",
+                 f"data.path={tmp_path / 'missing.jsonl'}")
+    (tmp_path / "ok.jsonl").write_text(good * 4)
+    data_refused(tokenizer, tmp_path, r"data.limit=-5 must be a positive integer .* or null",
+                 f"data.path={tmp_path / 'ok.jsonl'}", "data.limit=-5")
+    assert len(tokenized(compose("data=local", f"data.path={tmp_path / 'ok.jsonl'}").data, tokenizer, tmp_path)) == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed='abc' must be an integer"),
+    ("train.max_steps=0", r"train.max_steps=0 must be -1 \(train all epochs\) or a positive integer"),
+    ("train.max_steps=-5", "train.max_steps=-5 must be -1"),
+    ("data.limit=-5", r"data.limit=-5 must be a positive integer \(the first N records\) or null"),
+    ("data.limit=0", "data.limit=0 must be a positive integer"),
+])
+def test_run_settings_are_refused_before_anything_loads(override, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(compose("experiment=table4", override))
+    check_config(compose("experiment=table4", "seed=3", "train.max_steps=5", "data.limit=10"))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_truncated_safetensors_name_the_file(tmp_path):
+    weights = tmp_path / "base"
+    weights.mkdir()
+    save_file({"layer.q_proj.weight": torch.randn(8, 8)}, weights / "model.safetensors")
+    truncate(weights / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read \(SafetensorError: .*\): the file is "
+                                         "truncated or corrupt; re-download"):
+        base_weights(weights, ["layer.q_proj"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    save_file({"base_model.model.layer.q_proj.lora_A.weight": torch.randn(2, 8),
+               "base_model.model.layer.q_proj.lora_B.weight": torch.randn(8, 2)}, adapter / "adapter_model.safetensors")
+    assert list(adapter_deltas(adapter)) == ["layer.q_proj"]
+    truncate(adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="adapter_model.safetensors cannot be read .* truncated or corrupt"):
+        adapter_deltas(adapter)
+    (adapter / "adapter_config.json").write_text('{"r": 2, "lora_')
+    with pytest.raises(ValueError, match="adapter_config.json cannot be read .* truncated or corrupt"):
+        adapter_deltas(adapter)

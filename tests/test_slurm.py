@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import compose
+from oplora.launch import submit_pipeline
+from oplora.pipeline import Cell
 from oplora.slurm import NEVER_RUNS, Step, render, submit, wait
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +88,43 @@ def test_scripts_only(tmp_path):
     assert not (tmp_path / "jobs.json").exists()
     with pytest.raises(ValueError, match="not an earlier step"):
         submit([Step("eval", "true", after="train")], {**SETTINGS, "submit": False}, tmp_path, "t", REPO)
+
+
+def cells(*methods: str) -> dict:
+    """A grid of these methods' cells (seed 1), as the pipeline hands it to the SLURM launcher."""
+    return {Cell(method, 1): compose(f"method={method}") for method in methods}
+
+
+@pytest.mark.parametrize("name, setting", [("x\n#SBATCH --wrap=id", "job name"), ("my run", "job name"),
+                                           ("x\r--wrap=id", "job name")])
+def test_experiment_name_cannot_inject_header_lines(tmp_path, name, setting):
+    """A newline in experiment_name once ran an injected command in the job; a space made an invalid directive."""
+    cfg = compose("experiment=table2", "launcher=slurm", "launcher.submit=false")
+    cfg.experiment_name = name
+    cfg.pipeline.results_dir = str(tmp_path / "results" / "tables")
+    with pytest.raises(ValueError, match=rf"{setting} \(from experiment_name\) = .*allowed are letters, digits, "
+                                         r"'\.', '_' and '-'"):
+        submit_pipeline(cfg, [f"experiment_name={name}"], cells("lora"))
+    assert not (tmp_path / "results").exists(), "refused before anything is written"
+
+
+@pytest.mark.parametrize("setting, value", [("partition", "gpu\n#SBATCH --wrap=id"), ("account", "lab x"),
+                                            ("mem", "64G\n#SBATCH --uid=0"), ("time", "1:00 --wrap=id"),
+                                            ("max_parallel", "2\n"), ("extra", ["--qos=high\n#SBATCH --wrap=id"]),
+                                            ("extra", ["qos=high"])])
+def test_launcher_settings_are_checked(tmp_path, setting, value):
+    step = Step("train", "true", array=2)
+    with pytest.raises(ValueError, match=rf"launcher\.{setting} = .*cannot go into an #SBATCH line"):
+        submit([step], {**SETTINGS, setting: value, "submit": False}, tmp_path / "slurm", "t", REPO)
+    assert not (tmp_path / "slurm").exists()
+    with pytest.raises(ValueError, match=r"log path .* = .*whitespace"):
+        render(step, SETTINGS, tmp_path / "my results", "t", REPO, {})
+
+
+def test_normal_config_renders(tmp_path):
+    cfg = compose("experiment=table2", "launcher=slurm", "launcher.submit=false", "launcher.partition='a6000,a100'",
+                  "launcher.extra=['--qos=high']")
+    cfg.pipeline.results_dir = str(tmp_path / "results" / "tables")
+    submit_pipeline(cfg, ["experiment=table2"], cells("lora", "base"))
+    text = (tmp_path / "results" / "slurm" / "train.sbatch").read_text()
+    assert {"--job-name=oplora-table2-train", "--partition=a6000,a100", "--qos=high"} <= set(headers(text))

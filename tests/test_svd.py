@@ -1,5 +1,6 @@
 """The SVD cache: exact triples, one computation per matrix, atomic and concurrent-safe files."""
 
+import json
 import multiprocessing as mp
 
 import pytest
@@ -55,15 +56,16 @@ def test_randomized_mode_reports_its_residual(tmp_path):
     assert crude.residual > 10 * rand.residual  # the residual tells a poor approximation apart
 
 
-def test_corrupt_entry_is_recomputed(tmp_path, caplog):
+@pytest.mark.parametrize("damage", [lambda raw: b"not a safetensors file", lambda raw: raw[: len(raw) // 2]])
+def test_corrupt_or_truncated_entry_is_recomputed(tmp_path, caplog, damage):
     W = spectrum_matrix().float()
     cache = SVDCache(tmp_path, min_rank=4)
     good = cache.top(W, 4)
     path = next(cache.dir.glob("*.safetensors"))
-    path.write_bytes(b"not a safetensors file")
+    path.write_bytes(damage(path.read_bytes()))
     again = cache.top(W, 4)
     assert torch.equal(again.S, good.S)
-    assert str(path) in caplog.text
+    assert f"ignoring unreadable SVD cache file {path}" in caplog.text
 
 
 def build_entry(root: str, seed: int, queue) -> None:
@@ -101,3 +103,79 @@ def test_key_depends_on_content_shape_and_dtype():
 def test_rank_beyond_matrix_is_refused(tmp_path, k):
     with pytest.raises(ValueError, match="has only 80 singular triples"):
         SVDCache(tmp_path).top(spectrum_matrix().float(), k)
+
+
+def flip_sign_bits(path, tensor: str, count: int) -> None:
+    """Bit rot: flip the sign bit of `count` float32 values of `tensor`, in the file's bytes."""
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8:8 + header_len])[tensor]["data_offsets"]
+    for i in torch.randperm((end - start) // 4, generator=torch.Generator().manual_seed(0))[:count].tolist():
+        raw[8 + header_len + start + 4 * i + 3] ^= 0x80
+    path.write_bytes(raw)
+
+
+def test_bit_rot_is_detected_and_recomputed(tmp_path, caplog):
+    W = spectrum_matrix(256, 192).float()
+    cache = SVDCache(tmp_path, min_rank=32)
+    good = cache.top(W, 16)
+    path = next(cache.dir.glob("*.safetensors"))
+    flip_sign_bits(path, "U_top", 64)
+    again = cache.top(W, 16)
+    assert f"SVD cache file {path} fails verification (checksum mismatch in U_top)" in caplog.text
+    assert torch.equal(again.U, good.U) and torch.equal(again.V, good.V)
+    caplog.clear()
+    assert cache.top(W, 16).U.equal(good.U) and caplog.text == ""  # the rewritten entry verifies
+
+
+def rotted(entry: dict) -> dict:
+    """64 sign flips in the first 16 columns of U_top (with checksums that match, as if written that way)."""
+    U = entry["U_top"].clone()
+    flat = U[:, :16].reshape(-1).clone()
+    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:64]] *= -1
+    U[:, :16] = flat.reshape(U.shape[0], 16)
+    return {**entry, "U_top": U}
+
+
+def shifted(entry: dict) -> dict:
+    """Valid singular triples of W, but not the top ones: the first is missing."""
+    return {**entry, **{f"{x}_top": entry[f"{x}_top"][..., 1:].contiguous() for x in "UV"},
+            "S_top": entry["S_top"][1:].contiguous(), "top": entry["top"] - 1}
+
+
+def other_matrix(entry: dict) -> dict:
+    """The exact triples of another matrix of the same shape."""
+    return SVDCache(min_rank=32)._compute(spectrum_matrix(256, 192, seed=5).float(), entry["top"], 0, "other")
+
+
+@pytest.mark.parametrize("corrupt, problem", [(rotted, "top triples do not fit the matrix"),
+                                              (shifted, "triples missing"),
+                                              (other_matrix, "top triples do not fit the matrix")])
+def test_consistent_but_wrong_entry_fails_against_W(tmp_path, caplog, corrupt, problem):
+    W = spectrum_matrix(256, 192).float()
+    cache = SVDCache(tmp_path, min_rank=32)
+    good = cache.top(W, 16)
+    path = next(cache.dir.glob("*.safetensors"))
+    cache._save(path, corrupt(SVDCache._load(path, W)))  # checksums of the corrupted tensors
+    assert torch.allclose(cache.top(W, 16).S, good.S) and problem in caplog.text and str(path) in caplog.text
+
+
+def test_diagnose_measures_against_W_not_the_training_cache(tmp_path, caplog):
+    """OPLoRA trained against a rotted cache protects the wrong subspace; diagnose must report the true ρ."""
+    from oplora.diagnose import diagnose, rho  # here: the spawned workers above import this module, keep it light
+
+    W = spectrum_matrix(256, 192).float()
+    cache = SVDCache(tmp_path, min_rank=32)
+    cache.top(W, 16)
+    path = next(cache.dir.glob("*.safetensors"))
+    bad = rotted(SVDCache._load(path, W))
+    cache._save(path, bad)
+    Q, _ = torch.linalg.qr(bad["U_top"][:, :16].double())  # the subspace that training kept its update out of
+    X = torch.randn(256, 192, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    delta = X - Q @ (Q.T @ X)
+    assert rho(delta, Q, [16])[16] < 1e-12  # what trusting the cache reports
+    U, _, _ = torch.linalg.svd(W.double())
+    true_rho = rho(delta, U, [16])[16]
+    report = diagnose({"m": W}, {"m": delta}, [16], cache)
+    assert report["modules"]["m"]["rho"]["16"] == pytest.approx(true_rho, rel=1e-5) and true_rho > 1e-3
+    assert str(path) in caplog.text

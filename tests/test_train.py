@@ -137,8 +137,8 @@ def test_wandb_offline_run_has_config_tags_and_metrics(data_files, calibration_f
     run = read_run(run_dir)
     assert run["group"] == "wbtest" and run["name"] == "wbtest/tiny-llama/metamath100k/oplora16/seed7"
     assert set(run["tags"]) == {"tiny-llama", "metamath100k", "oplora16", "seed7"}
-    assert run["config"]["method"] == {"name": "oplora", "label": "oplora16", "display": "OPLoRA-16", "color": "#d62728",
-                                       "k": 16}
+    assert run["config"]["method"] == {"name": "oplora", "label": "oplora16", "display": "OPLoRA-16",
+                                       "color": "#d62728", "k": 16}
     assert [h["train/global_step"] for h in run["history"] if "train/loss" in h] == [1, 2, 3]
     assert run["summary"]["train/global_step"] == 3 and run["summary"]["train_loss"] > 0
 

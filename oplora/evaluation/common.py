@@ -15,7 +15,7 @@ def generation_backend(name: str) -> str:
     if name == "auto":
         return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
     if name not in BACKENDS:
-        raise ValueError(f"generation backend {name!r} is not valid; choose one of auto, {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown generation backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     return name
 
 

@@ -4,6 +4,7 @@ Tasks are lm_eval task names, built-in or from YAML directories on `include_path
 offline). Each task runs on its own so that a killed stage resumes after its last finished task.
 The reported number is the first metric of `metrics` the task has (acc_norm before acc by default,
 the paper's published numbers match that choice); every metric lm_eval computed is kept as detail.
+Tasks that execute generated code (mbpp: HF code_eval) run it only in the sandbox (`evaluation/code_eval.py`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import functools
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from oplora.evaluation.code_eval import sandboxed_code_eval
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.resources import resolve
@@ -75,11 +76,10 @@ def evaluate_task(lm, task: str, settings: dict, limit: int | None, samples_path
     manager = manager or task_manager(settings["include_path"])
     if manager.match_tasks([task]) == []:
         raise ValueError(f"lm_eval knows no task {task!r}; add its YAML directory to eval.lm_eval.include_path")
-    if settings["allow_code_execution"]:
-        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # HF code_eval's sandboxed processes
-    out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                          num_fewshot=settings["num_fewshot"].get(task), log_samples=True,
-                          confirm_run_unsafe_code=settings["allow_code_execution"])
+    with sandboxed_code_eval(settings.get("sandbox", "bwrap"), manager):  # generated code runs only in the sandbox
+        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                              num_fewshot=settings["num_fewshot"].get(task), log_samples=True,
+                              confirm_run_unsafe_code=settings["allow_code_execution"])
     write_samples(out["samples"], samples_path)
     results = out["results"][task]
     metric, value, stderr = pick(results, list(settings["metrics"]))
