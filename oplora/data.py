@@ -16,8 +16,8 @@ from pathlib import Path
 import datasets
 from filelock import FileLock
 
+from oplora.io import cache_root, content_digest, content_hash
 from oplora.prompt import PROMPT
-from oplora.record import content_hash
 from oplora.resources import resolve
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,32 @@ def check_text_file(path: Path) -> None:
         raise ValueError(f"data file {path} is empty: data.path must name a json/jsonl file with records")
 
 
+def local_file(path: str) -> Path | None:
+    """The local .json/.jsonl file a data path names (a path or an `oplora:` resource); None for a hub id."""
+    local = Path(resolve(path))
+    if local.suffix not in (".json", ".jsonl"):
+        return None
+    if not local.is_file():
+        raise FileNotFoundError(f"data file {local} does not exist (data.path={path})")
+    return local
+
+
+def content_key(path: str) -> str | None:
+    """The content digest of a local data file (None for a hub id): training and its caches key on it, so a
+    file changed in place, even with the same size and mtime, is never served from an old cache."""
+    local = local_file(path)
+    return content_digest(local) if local else None
+
+
 def load_records(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
     """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; `limit` keeps the first rows."""
     check_limit(limit)
-    local = Path(resolve(path))
-    if local.suffix in (".json", ".jsonl"):
-        if not local.is_file():
-            raise FileNotFoundError(f"data file {local} does not exist")
+    local = local_file(path)
+    if local:
         check_text_file(local)
-        try:
-            records = datasets.load_dataset("json", data_files={split: str(local)}, split=split)
+        try:  # datasets' own cache keys a local file on its mtime: key it on the content instead
+            records = datasets.load_dataset("json", data_files={split: str(local)}, split=split,
+                                            cache_dir=str(cache_root() / "datasets" / content_key(path)[:16]))
         except Exception as err:  # datasets wraps parser errors in several types
             raise ValueError(f"data file {local} is not valid json/jsonl: {err}") from err
     else:
@@ -97,7 +113,7 @@ def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
     records = load_records(cfg.path, cfg.split, cfg.limit)
     check_fields(records, cfg.path, cfg.query, cfg.response)
     key = content_hash([cfg.path, cfg.split, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
-                        tokenizer.name_or_path, len(tokenizer), records._fingerprint])
+                        tokenizer.name_or_path, len(tokenizer), content_key(cfg.path) or records._fingerprint])
     cache = cache_dir / "data" / f"{cfg.name}-{key[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.io import atomic_dir
@@ -31,6 +32,10 @@ def export_adapter(model: PeftModel, method: str, directory: str | Path, initial
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         get_method(method).export(model, tmp, Path(initial) if initial else None)
+        bad = [k for k, t in load_file(tmp / "adapter_model.safetensors").items() if not torch.isfinite(t).all()]
+        if bad:
+            raise FloatingPointError(f"refusing to export a broken adapter to {directory}: {len(bad)} tensors hold "
+                                     f"NaN/inf values (e.g. {bad[0]})")
     return directory
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import xxhash
 from filelock import FileLock
 
 
@@ -16,11 +19,44 @@ def cache_root() -> Path:
     return Path(os.environ.get("OPLORA_CACHE", Path.home() / ".cache" / "oplora"))
 
 
+def content_hash(content) -> str:
+    """sha256 of JSON-serialisable content (keys sorted): the hash of configs, settings and result keys."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+class CorruptFile(ValueError):
+    """A result or record file that exists but cannot be read (a truncated or edited JSON file)."""
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it does not exist; invalid JSON raises CorruptFile naming the file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFile(f"{path} is not valid JSON ({err}): delete it to recompute it") from err
+
+
+def content_digest(path: str | Path) -> str:
+    """xxh3-128 of a file's bytes, or of every file under a directory (names and bytes): cheap enough for
+    multi-GB data files, and it changes when the content does, whatever the size and mtime."""
+    path = Path(path)
+    digest = xxhash.xxh3_128()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -82,3 +118,27 @@ def build_once(target: Path, make, done: str) -> Path:
             with atomic_dir(target) as tmp:
                 make(tmp)
     return target
+
+
+TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)(\d+)$")  # what atomic_file / atomic_dir leave behind when killed
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporary siblings (`.NAME.tmpPID`, `.NAME.oldPID`) of writers that no longer run."""
+    removed = []
+    for path in Path(directory).glob(".*"):
+        match = TEMPORARY.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

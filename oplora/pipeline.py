@@ -28,15 +28,14 @@ from tqdm.auto import tqdm
 
 from oplora.config import CONFIG_DIR, compose, trains
 from oplora.diagnose import adapter_deltas, base_weights, diagnose, weights_dir
-from oplora.evaluation.cell import evaluate
+from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
-from oplora.io import atomic_write_text, cache_root, file_sha256
+from oplora.io import atomic_write_text, cache_root, content_hash, read_json
 from oplora.methods import get_method
-from oplora.models import compute_dtype
-from oplora.record import content_hash
+from oplora.models import compute_dtype, weights_digest
 from oplora.report import collect
 from oplora.resources import resolve
-from oplora.rundir import RunDir, read_json
+from oplora.rundir import RunDir
 from oplora.svd import SVDCache
 from oplora.train import adapter_settings, finished, train
 
@@ -106,15 +105,21 @@ def diagnose_step(cfg: DictConfig) -> bool:
     record = run.trained_record()
     if record is None:
         raise FileNotFoundError(f"{run.record} does not exist: the cell has not been trained")
-    key = content_hash({"adapter_sha256": file_sha256(run.adapter_weights), "base": record["base_model"],
+    check_adapter(run, record)
+    base = resolve(cfg.model.path)
+    if weights_digest(base) != record["base_digest"]:
+        raise ValueError(f"{base} is not the base model {run.record} was trained on (its weights differ): "
+                         "diagnose the adapter against its own base")
+    key = content_hash({"adapter_sha256": record["adapter_sha256"], "base": record["base_digest"],
                         "ks": list(cfg.pipeline.rho_ks)})
     if (read_json(run.diagnose) or {}).get("hash") == key:
         return False
     deltas = adapter_deltas(run.adapter)
     dtype = getattr(torch, compute_dtype(cfg.model))
-    original = {name: W.to(dtype) for name, W in base_weights(record["base_model"], sorted(deltas)).items()}
+    original = {name: W.to(dtype) for name, W in base_weights(base, sorted(deltas)).items()}
     result = diagnose(original, deltas, list(cfg.pipeline.rho_ks), SVDCache(cfg.cache_dir or cache_root()))
-    atomic_write_text(run.diagnose, json.dumps({"hash": key, **result}, indent=2))
+    atomic_write_text(run.diagnose, json.dumps({"hash": key, "adapter_sha256": record["adapter_sha256"], **result},
+                                               indent=2))
     return True
 
 
@@ -143,7 +148,8 @@ def run_step(step: Step, cfg: DictConfig, cells: dict[Cell, DictConfig], chosen:
             report["blocked"][step.name].append(cell.name)
             continue
         try:
-            ran = CELL_ACTIONS[step.name](cells[cell])
+            with run.lock(step.name):  # another pipeline on the same cell waits, then finds the work done
+                ran = CELL_ACTIONS[step.name](cells[cell])
             run.clear_failure(step.name)
             report["ran" if ran else "skipped"][step.name].append(cell.name)
         except Exception as err:  # one cell's failure must not hide the others' results

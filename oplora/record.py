@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import platform
 import subprocess
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from oplora.config import trains
+from oplora.data import content_key
+from oplora.io import content_hash
 
 # Keys that decide where or how a run is reported, or what is done after training, not what it trains
 # (`calibration` reaches the hash through lora_null's method.calibration).
@@ -24,13 +26,11 @@ def as_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def content_hash(content) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
 def config_hash(cfg: DictConfig) -> str:
-    """The hash of what training computes: every key but those in NOT_HASHED."""
+    """The hash of what training computes: every key but those in NOT_HASHED, and the content of a local
+    training data file (a file changed in place retrains)."""
     content = as_dict(cfg)
+    content["data_content"] = content_key(cfg.data.path)
     for key in NOT_HASHED:
         *parents, last = key.split(".")
         node = content
@@ -38,6 +38,12 @@ def config_hash(cfg: DictConfig) -> str:
             node = node.get(parent, {})
         node.pop(last, None)
     return content_hash(content)
+
+
+def cell_hash(cfg: DictConfig) -> str:
+    """What a cell's evaluation depends on besides its own settings: the training config of a trained cell,
+    the model alone for the untrained base row (a training setting never re-evaluates the base model)."""
+    return config_hash(cfg) if trains(cfg.method) else content_hash({"model": as_dict(cfg.model)})
 
 
 def versions() -> dict[str, str | None]:

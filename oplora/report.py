@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from statistics import mean
@@ -19,26 +20,54 @@ from omegaconf import DictConfig
 from oplora import tables
 from oplora.config import trains
 from oplora.figures import figure2
-from oplora.io import atomic_write_text
-from oplora.record import as_dict, content_hash, provenance
-from oplora.rundir import RunDir, read_json
+from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
+from oplora.record import as_dict, cell_hash, provenance
+from oplora.rundir import RunDir
 
 log = logging.getLogger("oplora.report")
 
 
+def stage_result(run: RunDir, stage: str, expected: str) -> dict | None:
+    """A cell's result file of one stage, when it is readable and was computed for the cell's current config."""
+    try:
+        result = read_json(run.eval_result(stage))
+    except CorruptFile as err:
+        warnings.warn(f"{err}: its columns are shown as —", stacklevel=2)
+        return None
+    if result is not None and result.get("train_config_hash") != expected:
+        warnings.warn(f"{run.eval_result(stage)} was computed for another config of this cell (stale): its columns "
+                      "are shown as — until the cell is evaluated again", stacklevel=2)
+        return None
+    return result
+
+
 def cell_values(cfg: DictConfig) -> dict[str, float | None]:
-    """{column label: percent or None} of one cell, from its evaluation result files."""
-    run, values = RunDir(cfg.output_dir), {}
+    """{column label: percent or None} of one cell, from its current, readable, finite evaluation results."""
+    run, expected, results, values = RunDir(cfg.output_dir), cell_hash(cfg), {}, {}
     for column in cfg.eval.columns:
-        result = read_json(run.eval_result(column.stage))
-        metric = (result or {}).get("metrics", {}).get(column.get("metric") or column.task)
-        values[column.label] = 100 * metric["value"] if metric else None
+        if column.stage not in results:
+            results[column.stage] = stage_result(run, column.stage, expected)
+        metric = (results[column.stage] or {}).get("metrics", {}).get(column.get("metric") or column.task)
+        value = metric and metric.get("value")
+        if metric and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            warnings.warn(f"{run.eval_result(column.stage)}: {column.label} = {value} is not a number: shown as —",
+                          stacklevel=2)
+            value = None
+        values[column.label] = 100 * value if metric and value is not None else None
     return values
 
 
 def cell_rho(cfg: DictConfig) -> dict[int, float] | None:
-    found = read_json(RunDir(cfg.output_dir).diagnose)
-    module = (found or {}).get("modules", {}).get(cfg.pipeline.rho_module)
+    """ρ_k on `pipeline.rho_module` of the cell's current adapter (None when missing, unreadable or stale)."""
+    run = RunDir(cfg.output_dir)
+    try:
+        found, record = read_json(run.diagnose), run.trained_record()
+    except CorruptFile as err:
+        warnings.warn(f"{err}: no ρ_k for this cell", stacklevel=2)
+        return None
+    if not found or not record or found.get("adapter_sha256") != record.get("adapter_sha256"):
+        return None
+    module = found.get("modules", {}).get(cfg.pipeline.rho_module)
     return {int(k): v for k, v in module["rho"].items()} if module else None
 
 
@@ -90,13 +119,14 @@ def method_rows(cfg: DictConfig, cells: dict) -> tuple[dict[str, dict], dict[str
 
 
 def input_hashes(cells: dict) -> dict[str, str | None]:
-    """The hash of every result file a table is built from: a new result means a new table."""
+    """What a table is built from: every result file's content and every cell's current config hash, so a
+    re-evaluation (even with the same settings) or a config change means a new table."""
     found = {}
     for cell_cfg in cells.values():
         run = RunDir(cell_cfg.output_dir)
+        found[str(run.root)] = cell_hash(cell_cfg)
         for path in [*run.eval_results(), run.diagnose]:
-            result = read_json(path)
-            found[str(path)] = result and (result.get("stage_hash") or result.get("hash"))
+            found[str(path)] = file_sha256(path) if path.exists() else None
     return found
 
 

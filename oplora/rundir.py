@@ -19,12 +19,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from oplora.io import atomic_write_text
+from filelock import FileLock
 
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it does not exist."""
-    return json.loads(path.read_text()) if path.exists() else None
+from oplora.io import atomic_write_text, read_json, remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -68,6 +65,15 @@ class RunDir:
 
     def clear_failure(self, step: str) -> None:
         self.failure(step).unlink(missing_ok=True)
+
+    def lock(self, step: str) -> FileLock:
+        """Held while a pipeline step works on this cell: a second pipeline on the same directory waits."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / f".{step}.lock"))
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """What killed writers left behind here (`.adapter.tmpPID`, `.merged.tmpPID`, `.run.json.tmpPID`, …)."""
+        return [p for d in (self.root, self.eval_dir) if d.is_dir() for p in remove_stale_temporaries(d)]
 
     def trained_record(self) -> dict | None:
         """run.json when training finished here, else None."""

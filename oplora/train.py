@@ -25,7 +25,11 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -39,12 +43,13 @@ from transformers.trainer_utils import SchedulerType
 from oplora import data
 from oplora.config import CONFIG_DIR, trains
 from oplora.export import export_adapter, save_initial
-from oplora.io import atomic_write_text, cache_root
+from oplora.io import atomic_write_text, cache_root, file_sha256, read_json
 from oplora.methods import AdapterSettings, build, get_method
-from oplora.models import compute_dtype
+from oplora.methods.base import check_rank, target_shapes
+from oplora.models import compute_dtype, weights_digest
 from oplora.record import as_dict, config_hash, provenance
 from oplora.resources import resolve
-from oplora.rundir import RunDir, read_json
+from oplora.rundir import RunDir
 from oplora.svd import MODES, SVDCache
 
 log = logging.getLogger("oplora.train")
@@ -116,19 +121,24 @@ def single_process_env() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def training_arguments(cfg: DictConfig, run: RunDir, report_to: list[str]) -> TrainingArguments:
-    t = cfg.train
-    if cfg.deepspeed.config:
-        single_process_env()
+def batch_split(t: DictConfig) -> int:
+    """Gradient accumulation steps: the effective batch is micro_batch_size × accumulation × world_size."""
     per_step = t.micro_batch_size * world_size()
     if t.batch_size % per_step:
         raise ValueError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size × world_size = "
                          f"{t.micro_batch_size} × {world_size()}")
+    return t.batch_size // per_step
+
+
+def training_arguments(cfg: DictConfig, run: RunDir, report_to: list[str]) -> TrainingArguments:
+    t = cfg.train
+    if cfg.deepspeed.config:
+        single_process_env()
     gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.batch_size // per_step,
+        gradient_accumulation_steps=batch_split(t),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.lr,
@@ -157,26 +167,69 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def last_checkpoint(directory: str | Path) -> str | None:
-    """The newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete."""
+    """The newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete and whose
+    weights are all finite."""
     steps = sorted(Path(directory).glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
     for path in steps:
         try:
             json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
+            if finite(load_file(path / "adapter_model.safetensors").values()):
+                return str(path)
+            log.warning("skipping checkpoint %s: its weights are not finite", path)
+        except (OSError, ValueError, SafetensorError):
             log.warning("skipping incomplete checkpoint %s", path)
     return None
 
 
-class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop at the first NaN/inf loss, before the Trainer saves a checkpoint of that step."""
+def final_state(checkpoint: str | Path) -> dict | None:
+    """The trainer state of a checkpoint saved at the run's last step, else None."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state if 0 < state["max_steps"] <= state["global_step"] else None
+
+
+def finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop at the first NaN/inf loss or trainable weight, before the Trainer saves a checkpoint of that step.
+
+    The weights are checked after every optimizer step (the logged loss was computed before it), so no
+    checkpoint, and no exported adapter, ever holds non-finite weights.
+    """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            last = last_checkpoint(args.output_dir)
-            raise FloatingPointError(f"training loss became {loss} at step {state.global_step}; stopped. "
-                                     f"Last good checkpoint: {last or 'none'}")
+            self.stop(args, f"training loss became {loss} at step {state.global_step}")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and not finite(p.detach() for p in model.parameters() if p.requires_grad):
+            self.stop(args, f"the adapter's weights became non-finite at step {state.global_step}")
+
+    @staticmethod
+    def stop(args, what: str):
+        last = last_checkpoint(args.output_dir)
+        raise FloatingPointError(f"{what}; stopped. Last good checkpoint: {last or 'none'} "
+                                 "(lower train.lr, or check the data)")
+
+
+def check_final_weights(trainer: Trainer, step: int) -> None:
+    """The logged losses were computed before each step's update: check the weights after the last one (finite,
+    and a finite loss on one training batch) before anything is exported."""
+    model = trainer.model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = model(**batch).loss if finite(p for p in model.parameters() if p.requires_grad) else None
+    if loss is None or not torch.isfinite(loss):
+        for broken in Path(trainer.args.output_dir).glob(f"checkpoint-{step}"):  # never resumed from, never exported
+            aside = broken.with_name(f"broken-{broken.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            broken.rename(aside)
+        last = last_checkpoint(trainer.args.output_dir)
+        raise FloatingPointError(f"after the last step ({step}) the model is broken (loss "
+                                 f"{loss if loss is None else float(loss)}): not exported. Last good checkpoint: "
+                                 f"{last or 'none'} (lower train.lr, or check the data)")
 
 
 def start_wandb(cfg: DictConfig, out: Path, chash: str) -> list[str]:
@@ -214,11 +267,34 @@ def prepare_output(run: RunDir, cfg: DictConfig, chash: str) -> bool:
     return False
 
 
+def validate(cfg: DictConfig) -> AdapterSettings:
+    """Everything checkable before the run directory is touched (a bad override never costs a finished run):
+    the values, the method and its settings, the batch split, the data file and its fields, and the ranks
+    against the model's shapes (built on the meta device from its config: no weights are loaded)."""
+    check_config(cfg)
+    settings = adapter_settings(cfg)
+    batch_split(cfg.train)
+    if data.local_file(cfg.data.path):
+        data.check_fields(data.load_records(cfg.data.path, cfg.data.split, cfg.data.limit), cfg.data.path,
+                          cfg.data.query, cfg.data.response)
+    model_dir = resolve(cfg.model.path)
+    if Path(model_dir).is_dir() and not any(Path(model_dir).glob("*.safetensors")):
+        raise FileNotFoundError(f"model directory {model_dir} holds no *.safetensors weights (model.path="
+                                f"{cfg.model.path}): point model.path at a complete model directory or a hub id")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        shapes = target_shapes(AutoModelForCausalLM.from_config(config), settings.target_modules)
+    check_rank(settings, shapes)
+    get_method(settings.method).check(settings, shapes)
+    return settings
+
+
 def train(cfg: DictConfig) -> Path:
     run = RunDir(cfg.output_dir)
-    check_config(cfg)
+    settings = validate(cfg)
     chash = config_hash(cfg)
-    settings = adapter_settings(cfg)
+    if is_main_process():
+        run.remove_stale_temporaries()
     if prepare_output(run, cfg, chash):
         log.info("%s already finished with this config (hash %s); force=true reruns it", run.root, chash[:12])
         return run.root
@@ -240,19 +316,27 @@ def train(cfg: DictConfig) -> Path:
             save_initial(model, initial)
     model.print_trainable_parameters()
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[StopOnNonFiniteLoss()],
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[StopOnNonFinite()],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE))
     checkpoint = last_checkpoint(args.output_dir)
-    if checkpoint:
-        log.info("resuming from %s", checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    final = checkpoint and final_state(checkpoint)
+    if final:  # killed after the last step, before the export: resuming would run one step more
+        log.info("%s holds the last step: exporting it without training further", checkpoint)
+        set_peft_model_state_dict(model, load_file(Path(checkpoint) / "adapter_model.safetensors"))
+        metrics, history = final["log_history"][-1], final["log_history"]
+    else:
+        log.info("resuming from %s", checkpoint) if checkpoint else None
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics, history = result.metrics, trainer.state.log_history
+    check_final_weights(trainer, history[-1]["step"] if history else 0)
 
     if trainer.is_world_process_zero():
         export_adapter(model, settings.method, run.adapter, initial)
         record = {"config": as_dict(cfg), "config_hash": chash, "base_model": model_dir,
-                  "adapter": str(run.adapter), "initial_adapter": str(initial) if initial else None,
-                  "train_examples": len(train_set), "metrics": result.metrics,
-                  "log_history": trainer.state.log_history, **provenance()}
+                  "base_digest": weights_digest(model_dir), "adapter": str(run.adapter),
+                  "adapter_sha256": file_sha256(run.adapter_weights),
+                  "initial_adapter": str(initial) if initial else None,
+                  "train_examples": len(train_set), "metrics": metrics, "log_history": history, **provenance()}
         atomic_write_text(run.record, json.dumps(record, indent=2))
         log.info("adapter written to %s", run.adapter)
     if "wandb" in args.report_to:

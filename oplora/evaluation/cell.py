@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from omegaconf import DictConfig
 from oplora.config import trains
 from oplora.evaluation import STAGES
 from oplora.evaluation.target import Target, merged_dir
-from oplora.io import atomic_write_text
+from oplora.io import CorruptFile, atomic_write_text, content_digest, content_hash, file_sha256, read_json
 from oplora.models import compute_dtype
-from oplora.record import as_dict, config_hash, content_hash, provenance
-from oplora.resources import resolve
-from oplora.rundir import RunDir, read_json
+from oplora.record import as_dict, cell_hash, provenance
+from oplora.resources import PREFIX, resolve
+from oplora.rundir import RunDir
 
 log = logging.getLogger("oplora.evaluation")
+DATA_FILES = (".json", ".jsonl", ".gz", ".yaml")
 
 
 def stage_tasks(columns) -> dict[str, list[str]]:
@@ -43,9 +45,13 @@ def stage_tasks(columns) -> dict[str, list[str]]:
 
 
 def target_for(cfg: DictConfig) -> tuple[Target, str]:
-    """The model to evaluate and the hash of the training config that produced it."""
+    """The model to evaluate and the hash of what produced it (`cell_hash`).
+
+    A trained cell's adapter is the one in its run directory, whose sha256 must be the one training
+    recorded: an adapter copied or edited after training is refused.
+    """
     dtype, trust = compute_dtype(cfg.model), cfg.model.trust_remote_code
-    chash = config_hash(cfg)
+    chash = cell_hash(cfg)
     base = resolve(cfg.model.path)
     if not trains(cfg.method):
         return Target(base, None, dtype, trust), chash
@@ -57,7 +63,34 @@ def target_for(cfg: DictConfig) -> tuple[Target, str]:
     if record["config_hash"] != chash:
         raise ValueError(f"{run.record} was trained with another config (hash {record['config_hash'][:12]}, "
                          f"this config {chash[:12]}); retrain it or evaluate with its own overrides")
+    check_adapter(run, record)
     return Target(base, str(run.adapter), dtype, trust), chash
+
+
+def check_adapter(run: RunDir, record: dict) -> None:
+    """The run directory's adapter is the one its training exported (sha256 recorded in run.json)."""
+    found = file_sha256(run.adapter_weights) if run.adapter_weights.exists() else "missing"
+    if found != record.get("adapter_sha256"):
+        raise ValueError(f"{run.adapter_weights} is not the adapter {run.record} recorded at training (sha256 "
+                         f"{found[:12]} != {str(record.get('adapter_sha256'))[:12]}): retrain the cell (force=true)")
+
+
+def check_metrics(name: str, task: str, result: dict) -> None:
+    """No non-finite number leaves a stage: a NaN/inf metric means a broken model or scorer."""
+    for metric, value in result["metrics"].items():
+        if not isinstance(value["value"], (int, float)) or not math.isfinite(value["value"]):
+            raise FloatingPointError(f"{name}/{task}: {metric} = {value['value']}: the model or its scoring is "
+                                     "broken (non-finite); nothing is written for this task")
+
+
+def read_previous(path: Path) -> dict:
+    """A stage's earlier result or partial file; a corrupt one is named, set aside and recomputed."""
+    try:
+        return read_json(path) or {}
+    except CorruptFile as err:
+        log.warning("%s", err)
+        path.unlink()
+        return {}
 
 
 def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str, merged) -> tuple[Path, bool]:
@@ -67,13 +100,13 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
     settings = as_dict(cfg.eval[name])
     limit = settings.get("limit") or cfg.eval.limit
     identity = target.identity()
-    key = content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": limit,
-                        "target": identity, "train_config_hash": chash})
-    if (read_json(out) or {}).get("stage_hash") == key and not cfg.eval.force:
+    key = content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": limit, "target": identity,
+                        "data": local_data(settings), "train_config_hash": chash})
+    if read_previous(out).get("stage_hash") == key and not cfg.eval.force:
         log.info("%s: finished with these settings (hash %s); eval.force=true redoes it", out, key[:12])
         return out, False
     partial_path = run.eval_partial(name)
-    partial = read_json(partial_path) or {}
+    partial = read_previous(partial_path)
     if partial.get("stage_hash") != key or cfg.eval.force:
         partial = {"stage_hash": key, "tasks": {}}
     stage = None
@@ -85,7 +118,9 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
         if stage is None:
             use_merged = STAGES[name].generates or cfg.eval.merge
             stage = STAGES[name](target, settings, limit, run.eval_work(name), merged() if use_merged else None)
-        partial["tasks"][task] = stage.run(task)
+        result = stage.run(task)
+        check_metrics(name, task, result)
+        partial["tasks"][task] = result
         atomic_write_text(partial_path, json.dumps(partial, indent=2))
     results = partial["tasks"].values()
     record = {"stage": name, "stage_hash": key, "run": str(run.root), "target": identity,
@@ -98,8 +133,24 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
     return out, True
 
 
+def local_data(settings, found: dict | None = None) -> dict[str, str]:
+    """{path: content digest} of every local file or directory a stage's settings name (task YAMLs and their
+    data, local problem files): evaluation data changed in place changes the stage's hash."""
+    found = {} if found is None else found
+    values = settings.values() if isinstance(settings, dict) else settings if isinstance(settings, list) else [settings]
+    for value in values:
+        if isinstance(value, (dict, list)):
+            local_data(value, found)
+        elif isinstance(value, str) and (value.startswith(PREFIX) or "/" in value or value.endswith(DATA_FILES)):
+            path = Path(resolve(value))
+            if path.exists():
+                found[value] = content_digest(path)
+    return found
+
+
 def evaluate(cfg: DictConfig) -> dict[str, tuple[Path, bool]]:
     """Every stage the columns need (or `eval.only`): {stage: (result file, whether it ran)}."""
+    RunDir(cfg.output_dir).remove_stale_temporaries()
     target, chash = target_for(cfg)
     wanted = stage_tasks(cfg.eval.columns)
     only = list(cfg.eval.only or wanted)

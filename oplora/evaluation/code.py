@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from oplora import sandbox
-from oplora.evaluation.common import binomial_stderr, generation_backend
+from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
 from oplora.io import atomic_write_text, file_sha256
 
 OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
@@ -183,6 +183,8 @@ def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override
              + (["--trust_remote_code"] if trust_remote_code else []), dataset, dataset_file,
              {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
     (samples,) = [p for p in (root / dataset).glob("*.jsonl") if not p.name.endswith(".raw.jsonl")]
+    check_generations([json.loads(line)["solution"] for line in samples.read_text().splitlines() if line.strip()],
+                      f"evalplus/{dataset}")
     result = evaluate_samples(samples, dataset, dataset_file, sandbox_mode)
     return {**result, "samples": str(samples), "backend": backend, "dataset_file": str(dataset_file),
             "dataset_sha256": file_sha256(dataset_file)}

@@ -19,6 +19,22 @@ def generation_backend(name: str) -> str:
     return name
 
 
+def check_generations(texts: list[str], what: str, minimum: int = 4) -> None:
+    """Refuse a degenerate model: the same text generated for every one of at least `minimum` different prompts
+    (what NaN or exploded weights produce), which would otherwise be scored like any answer."""
+    if len(texts) >= minimum and len(set(texts)) == 1:
+        raise FloatingPointError(f"{what}: all {len(texts)} generations are identical ({texts[0][:60]!r}): the model "
+                                 "is degenerate (NaN or exploded weights?); not scored")
+
+
+def check_loglikelihoods(values: list[float], what: str) -> None:
+    """Refuse non-finite log-likelihoods: lm_eval would score NaNs as a coin flip (acc_norm 0.5)."""
+    bad = sum(not math.isfinite(v) for v in values)
+    if bad:
+        raise FloatingPointError(f"{what}: {bad} of {len(values)} log-likelihoods are not finite: the model is broken "
+                                 "(NaN or inf weights?); not scored")
+
+
 def binomial_stderr(accuracy: float, n: int) -> float | None:
     """Sample standard error of a mean of n 0/1 outcomes (lm_eval's convention, n − 1 in the denominator)."""
     return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else None

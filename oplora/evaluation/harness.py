@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from oplora.evaluation.code_eval import sandboxed_code_eval
+from oplora.evaluation.common import check_generations, check_loglikelihoods
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.resources import resolve
@@ -81,6 +82,10 @@ def evaluate_task(lm, task: str, settings: dict, limit: int | None, samples_path
                               num_fewshot=settings["num_fewshot"].get(task), log_samples=True,
                               confirm_run_unsafe_code=settings["allow_code_execution"])
     write_samples(out["samples"], samples_path)
+    responses = [r for rows in out["samples"].values() for s in rows for r in s["filtered_resps"]]
+    check_loglikelihoods([float(r[0]) for r in responses if isinstance(r, (list, tuple)) and len(r) == 2
+                          and isinstance(r[0], (int, float))], f"lm_eval/{task}")
+    check_generations([r for r in responses if isinstance(r, str)], f"lm_eval/{task}")
     results = out["results"][task]
     metric, value, stderr = pick(results, list(settings["metrics"]))
     n = out["n-samples"].get(task, {}).get("effective")

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from oplora.evaluation import math_score
-from oplora.evaluation.common import binomial_stderr, generation_backend
+from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.prompt import PROMPT
@@ -114,6 +114,7 @@ class Stage:
         generate = generate_vllm if self.backend == "vllm" else generate_hf
         completions = generate(self.model_dir, [prompt(r[spec["question"]], self.settings["suffix"]) for r in rows],
                                self.settings, self.target.dtype, self.target.trust_remote_code)
+        check_generations(completions, f"math/{task}")
         samples, accuracy = score(spec, rows, completions)
         path = self.workdir / f"{task}.samples.jsonl"
         atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
