@@ -66,6 +66,18 @@ def cell_config(overrides: list[str], cell: Cell) -> DictConfig:
         return hydra.compose(config_name="train", overrides=extra)
 
 
+def command_overrides() -> list[str]:
+    """The running Hydra command's overrides (${…} kept, for each cell), less those that pick a step or cell."""
+    given = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)["task"]
+    return [o for o in given if not o.startswith(("launcher=", "pipeline.step=", "pipeline.cell="))]
+
+
+def cell_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The config of every cell of the running command's experiment grid."""
+    overrides = command_overrides()
+    return [cell_config(overrides, cell) for cell in grid(cfg)]
+
+
 def train_dtype(cfg: DictConfig) -> torch.dtype:
     """The dtype the model trains in (and whose weights the SVD cache is keyed on)."""
     return getattr(torch, cfg.model.dtype) if torch.cuda.is_available() else torch.float32
@@ -163,8 +175,7 @@ def summary(report: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    given = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)["task"]  # ${…} kept for each cell
-    overrides = [o for o in given if not o.startswith(("launcher=", "pipeline.step=", "pipeline.cell="))]
+    overrides = command_overrides()
     if cfg.launcher.name == "slurm":
         from oplora.launch import submit_pipeline
 

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.trainer_utils import SchedulerType
 
-from oplora import data, models
+from oplora import data, models, tracking
 from oplora.export import export_adapter, save_initial
 from oplora.io import atomic_write_text
 from oplora.methods import AdapterSettings, CalibrationSettings, build, get_method
@@ -131,13 +131,9 @@ def training_arguments(cfg: DictConfig, out: Path, report_to: list[str]) -> Trai
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=report_to,
-        run_name=run_name(cfg),
+        run_name=tracking.run_name(cfg, "train"),
         remove_unused_columns=False,
     )
-
-
-def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.experiment_name}/{cfg.model.name}/{cfg.data.name}/{cfg.method.label}/seed{cfg.seed}"
 
 
 def last_checkpoint(directory: str | Path) -> str | None:
@@ -163,17 +159,12 @@ class StopOnNonFiniteLoss(TrainerCallback):
                                      f"Last good checkpoint: {last or 'none'}")
 
 
-def start_wandb(cfg: DictConfig, out: Path, chash: str) -> list[str]:
-    """Open the rank-0 W&B run (offline by default); the Trainer's callback logs into it."""
-    if cfg.wandb.mode == "disabled":
+def start_wandb(cfg: DictConfig) -> list[str]:
+    """Open the rank-0 W&B train run (oplora.tracking); the Trainer's callback logs into it."""
+    if tracking.resolve_mode(cfg.wandb.mode) == "disabled":
         return []
     if is_main_process():
-        import wandb
-
-        wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
-                   dir=str(cfg.wandb.dir or out), name=run_name(cfg), group=cfg.experiment_name,
-                   job_type="train", id=f"train-{chash[:16]}", resume="allow", config=resolved(cfg),
-                   tags=[cfg.model.name, cfg.data.name, cfg.method.label, f"seed{cfg.seed}"])
+        tracking.start(cfg, "train", cfg.output_dir)
     return ["wandb"]
 
 
@@ -207,7 +198,7 @@ def train(cfg: DictConfig) -> Path:
     if prepare_output(out, cfg, chash):
         log.info("%s already finished with this config (hash %s); force=true reruns it", out, chash[:12])
         return out
-    args = training_arguments(cfg, out, start_wandb(cfg, out, chash))
+    args = training_arguments(cfg, out, start_wandb(cfg))
     cache = Path(cfg.cache_dir or cache_root())
     set_seed(cfg.seed)
 
@@ -240,9 +231,10 @@ def train(cfg: DictConfig) -> Path:
                   "log_history": trainer.state.log_history, **provenance()}
         atomic_write_text(out / "run.json", json.dumps(record, indent=2))
         log.info("adapter written to %s", out / "adapter")
-    if "wandb" in args.report_to:
+    if "wandb" in args.report_to and trainer.is_world_process_zero():
         import wandb
 
+        tracking.log_adapter(wandb.run, cfg, out / "adapter")
         wandb.finish()
     return out
 
