@@ -2,13 +2,14 @@
 
     python -m oplora.dashboard experiment=table2 [model=qwen2.5-7b]     # make dashboard experiment=… [model=…]
 
-One workspace per (project, experiment, model), selecting the runs whose config fields `experiment` and
-`model_name` match (oplora.tracking.FIELDS) and grouping them by `method_label`, so every bar is the mean over
-seeds with a standard-error bar: forgetting, fine-tuning and overall average; the collect run's table and one
-bar chart per column; ρ_k against k (figure 2a) and the forgetting average against ρ_16 (figure 2b); training
-loss by method. It is always written to `<pipeline.results_dir>/dashboard.json`; when the W&B mode is online it is
-also saved (created, or updated in place: its view name is derived from project, experiment and model) and its URL
-printed. `render` draws the same panels from the local result files (`dashboard.png`, written by collect).
+One workspace per (project, experiment, model, data), selecting the runs whose config fields `experiment`,
+`model_name` and `data_name` match (oplora.tracking.FIELDS) and grouping them by `method_label`, so every
+bar is the mean over seeds with a standard-error bar: forgetting, fine-tuning and overall average; the
+collect run's table and one bar chart per column; ρ_k against k (figure 2a) and the forgetting average
+against ρ_16 (figure 2b); training loss by method. It is always written to
+`<pipeline.results_dir>/dashboard.json`; when the W&B mode is online it is also saved (created, or updated in
+place: its view name is derived from project, experiment, model and data) and its URL printed. `render` draws
+the same panels from the local result files (`dashboard.png`, written by collect).
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ def figure_k(ks) -> int:
     return 16 if 16 in ks else min(ks)
 
 
-def view_name(project: str, experiment: str, model: str) -> str:
+def view_name(project: str, experiment: str, model: str, data: str) -> str:
     """W&B's internal view name (`nw-<id>-v`), fixed per experiment so that a second save updates the first."""
-    return f"nw-oplora{content_hash([project, experiment, model])[:12]}-v"
+    return f"nw-oplora{content_hash([project, experiment, model, data])[:12]}-v"
 
 
-def workspace(entity: str, project: str, experiment: str, model: str, columns: list[str], k: int = 16):
+def workspace(entity: str, project: str, experiment: str, model: str, data: str, columns: list[str], k: int = 16):
     """The workspace (a `wandb_workspaces.workspaces.Workspace`); builds offline, saved by `save`."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
@@ -64,13 +65,15 @@ def workspace(entity: str, project: str, experiment: str, model: str, columns: l
         ws.Section(name="Training", is_open=True, panels=[
             wr.LinePlot(title="training loss", x="train/global_step", y=["train/loss"], **by_method)]),
     ]
-    runs = ws.RunsetSettings(filters=[expr.Config("experiment") == experiment, expr.Config("model_name") == model],
+    selected = [expr.Config("experiment") == experiment, expr.Config("model_name") == model,
+                expr.Config("data_name") == data]
+    runs = ws.RunsetSettings(filters=selected,
                              groupby=[expr.Config("method_label")],
                              pinned_columns=["config:method_label", "config:seed", "summary:eval/forget_avg",
                                              "summary:eval/finetune_avg", f"summary:rho/k{k}"])
-    view = ws.Workspace(entity=entity, project=project, name=f"oplora: {experiment} / {model}", sections=sections,
-                        runset_settings=runs)
-    view._internal_name = view_name(project, experiment, model)
+    view = ws.Workspace(entity=entity, project=project, name=f"oplora: {experiment} / {model} / {data}",
+                        sections=sections, runset_settings=runs)
+    view._internal_name = view_name(project, experiment, model, data)
     return view
 
 
@@ -98,7 +101,7 @@ def publish(cfg: DictConfig) -> str | None:
         import wandb
 
         entity = wandb.Api().default_entity
-    view = workspace(entity or "", cfg.wandb.project, cfg.experiment_name, cfg.model.name,
+    view = workspace(entity or "", cfg.wandb.project, cfg.experiment_name, cfg.model.name, cfg.data.name,
                      [c.label for c in cfg.eval.columns], figure_k(cfg.pipeline.rho_ks))
     path = atomic_write_text(Path(cfg.pipeline.results_dir) / "dashboard.json", to_json(view))
     print(f"W&B dashboard definition written to {path}")

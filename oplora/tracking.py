@@ -136,8 +136,8 @@ def log_adapter(run, cfg: DictConfig, adapter: Path) -> None:
     """The exported adapter as a reference artifact (file:// URI, checksummed): nothing is uploaded twice."""
     import wandb
 
-    artifact = wandb.Artifact(artifact_name("adapter", cfg), type="adapter",
-                              metadata={k: run_config(cfg, "train")[k] for k in FIELDS})
+    metadata = {k: run.config[k] for k in FIELDS}
+    artifact = wandb.Artifact(artifact_name("adapter", cfg), type="adapter", metadata=metadata)
     artifact.add_reference(adapter.resolve().as_uri())
     run.log_artifact(artifact)
 

@@ -174,17 +174,19 @@ def test_the_dashboard_names_only_keys_the_runs_carry(two_seeds):
             "rho_curve/rho", "rho/k16", "train/loss", "train/global_step", "table"} == metrics
     assert metrics - {"table"} <= logged
     assert [r["summary"]["table/_type"] for r in cell_runs(runs, "collect")] == ["table-file"]  # a wandb.Table
-    assert config == {"method_label", "experiment", "model_name"}
+    assert config == {"method_label", "experiment", "model_name", "data_name"}
     assert all(config <= set(r["config"]) for r in runs)
     filters = {f["key"]["name"]: (f["op"], f["value"]) for f in spec["spec"]["section"]["runSets"][0]["filters"]
                ["filters"]}
-    assert filters == {"experiment": ("=", "tinygrid"), "model_name": ("=", "tiny-llama")}
-    assert all(r["config"]["experiment"] == "tinygrid" and r["config"]["model_name"] == "tiny-llama" for r in runs)
+    assert filters == {"experiment": ("=", "tinygrid"), "model_name": ("=", "tiny-llama"),
+                       "data_name": ("=", "metamath100k")}
+    assert all({f: r["config"][f] for f in ("experiment", "model_name", "data_name")} ==
+               {f: value for f, (_, value) in filters.items()} for r in runs)  # the run set selects every run
     bars = [p["config"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"] for p in s["panels"]
             if p["viewType"] == "Bar Chart"]
     assert {b["metrics"][0] for b in bars} >= {"eval/forget_avg", "eval/finetune_avg"}
     assert all((b["groupBy"], b["groupAgg"], b["groupArea"]) == ("method_label.value", "mean", "stderr") for b in bars)
-    assert spec["name"] == view_name("oplora", "tinygrid", "tiny-llama")  # a second save updates the first
+    assert spec["name"] == view_name("oplora", "tinygrid", "tiny-llama", "metamath100k")  # saved again: updated
 
 
 def test_the_dashboard_command_writes_the_same_definition(two_seeds, tmp_path):
