@@ -132,14 +132,17 @@ def use(run, name: str) -> None:
         log.warning("no lineage link to %s: not on W&B (logged offline and not synced yet?): %s", name, err)
 
 
-def log_adapter(run, cfg: DictConfig, adapter: Path) -> None:
-    """The exported adapter as a reference artifact (file:// URI, checksummed): nothing is uploaded twice."""
+def finish_train(cfg: DictConfig, adapter: Path) -> None:
+    """Log the exported adapter into the open train run and close it. The adapter is a reference artifact
+    (file:// URIs, checksummed): nothing is uploaded twice."""
     import wandb
 
+    run = wandb.run
     metadata = {k: run.config[k] for k in FIELDS}
     artifact = wandb.Artifact(artifact_name("adapter", cfg), type="adapter", metadata=metadata)
     artifact.add_reference(adapter.resolve().as_uri())
     run.log_artifact(artifact)
+    run.finish()
 
 
 def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, float]) -> None:
@@ -186,6 +189,13 @@ def log_collect(cfg: DictConfig, cells: list[DictConfig], table: dict[str, list]
         for path in files:
             artifact.add_file(str(path))
         run.log_artifact(artifact)
+
+
+def default_entity() -> str:
+    """The logged-in user's default entity (online only)."""
+    import wandb
+
+    return wandb.Api().default_entity
 
 
 def offline_runs(cfg: DictConfig, cells: list[DictConfig]) -> list[Path]:

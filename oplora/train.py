@@ -232,10 +232,7 @@ def train(cfg: DictConfig) -> Path:
         atomic_write_text(out / "run.json", json.dumps(record, indent=2))
         log.info("adapter written to %s", out / "adapter")
     if "wandb" in args.report_to and trainer.is_world_process_zero():
-        import wandb
-
-        tracking.log_adapter(wandb.run, cfg, out / "adapter")
-        wandb.finish()
+        tracking.finish_train(cfg, out / "adapter")
     return out
 
 
