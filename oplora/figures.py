@@ -87,8 +87,8 @@ def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None
                       rotation=90, color="0.4")
     ax_b.set_xticks(list(xs), order, rotation=20, ha="right", fontsize=8)
     ax_b.set_ylabel("average forgetting score (%)")
-    ax_b.set_title("(b) average forgetting score (sorted by ρ_16)" + (", ± s.e. over seeds" if any(spread) else ""),
-                   fontsize=10)
+    ax_b.set_title("(b) average forgetting score (sorted by ρ_16)"
+                   + ("\nerror bars: ± one standard error over seeds" if any(spread) else ""), fontsize=10)
     ax_b.grid(True, axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
