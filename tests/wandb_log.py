@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -29,6 +30,8 @@ def records(path: str | Path):
         if kind == 0 and length == 0:  # zero padding
             pos += BLOCK - pos % BLOCK
             continue
+        if pos + CHUNK_HEADER + length > len(data):  # a chunk still being written
+            return
         parts.append(data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length])
         pos += CHUNK_HEADER + length
         if kind in (1, 4):  # FULL or LAST ends a record
@@ -42,13 +45,23 @@ def _items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def read_run(run_dir: str | Path) -> dict:
+def read_run(run_dir: str | Path, timeout: float = 60) -> dict:
     """{"name", "group", "job_type", "tags", "config", "summary", "history", "artifacts"} of one offline run
-    directory; each artifact is {"name", "type", "metadata", "entries": {path: reference URI or None}}."""
+    directory; each artifact is {"name", "type", "metadata", "entries": {path: reference URI or None}}.
+    wandb's service may still be writing the log when `finish()` has returned: this waits (up to `timeout`
+    seconds) for the run's last record, `exit`."""
+    deadline = time.monotonic() + timeout
+    while not (run := parse(run_dir))["exited"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return run
+
+
+def parse(run_dir: str | Path) -> dict:
     (log,) = Path(run_dir).glob("*.wandb")
-    run = {"config": {}, "summary": {}, "history": [], "artifacts": []}
+    run = {"config": {}, "summary": {}, "history": [], "artifacts": [], "exited": False}
     for record in records(log):
         kind = record.WhichOneof("record_type")
+        run["exited"] |= kind == "exit"
         if kind == "run":
             run.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type,
                        tags=list(record.run.tags))
