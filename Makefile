@@ -15,7 +15,7 @@ launcher ?= local
 PIPELINE  = $(BIN)/python -m oplora.pipeline launcher=$(launcher) $(if $(model),model=$(model)) $(ARGS)
 TABLES   := table2 table3 table4 table5 table6 table7
 
-.PHONY: install sandbox test bench lock clean demo figure2 $(TABLES)
+.PHONY: install sandbox test bench lock clean demo figure2 dashboard wandb-sync $(TABLES)
 
 install: $(STAMP)
 
@@ -34,8 +34,8 @@ sandbox:
 	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; } \
 	  || echo "bubblewrap is missing: run 'sudo apt-get install bubblewrap' (or set eval.sandbox=none to run generated code unsandboxed)"; }
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: install  # always offline: a WANDB_MODE of the caller's shell does not apply
+	WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(TABLES): install
 	$(PIPELINE) experiment=$@
@@ -44,7 +44,16 @@ figure2: install  # figure 2 of the paper: LLaMA-2 7B on Commonsense170k (table 
 	$(PIPELINE) experiment=$(or $(experiment),table2)
 
 demo: install
-	$(PIPELINE) experiment=demo
+	WANDB_MODE=offline $(PIPELINE) experiment=demo
+
+# W&B: `make dashboard experiment=table2 [model=…]` writes the dashboard's JSON and, online, saves it (URL printed);
+# `make wandb-sync experiment=table2 [model=…]` uploads every offline run of the experiment (`wandb sync`)
+WANDB_ARGS = experiment=$(or $(experiment),$(error set experiment=…)) $(if $(model),model=$(model)) $(ARGS)
+dashboard: install
+	$(BIN)/python -m oplora.dashboard $(WANDB_ARGS)
+
+wandb-sync: install
+	$(BIN)/python -m oplora.tracking $(WANDB_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)

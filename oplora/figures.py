@@ -14,6 +14,11 @@ RHO_FLOOR = 1e-16  # ρ below this (OPLoRA sits at ~1e-15) is drawn at the floor
 FALLBACK_COLORS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78")  # methods without a `color`
 
 
+def method_colors(names: list[str], colors: dict[str, str | None] | None = None) -> dict[str, str]:
+    """Each method's configured colour (`color` in its method config), else a fallback picked by position."""
+    return {n: (colors or {}).get(n) or FALLBACK_COLORS[i % len(FALLBACK_COLORS)] for i, n in enumerate(names)}
+
+
 def order_by_rho(rho: dict[str, dict[int, float]], k: int = 16) -> list[str]:
     """Method names sorted by ρ_k ascending (stable); methods without a finite ρ_k come last."""
     def key(name: str) -> tuple[bool, float]:
@@ -25,17 +30,18 @@ def order_by_rho(rho: dict[str, dict[int, float]], k: int = 16) -> list[str]:
 
 def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None], out_stem: str | Path,
             colors: dict[str, str | None] | None = None, module: str = "model.layers.0.self_attn.q_proj",
-            title: str | None = None) -> list[Path]:
+            title: str | None = None, errors: dict[str, float | None] | None = None) -> list[Path]:
     """Draw figure 2 and save `<out_stem>.png` and `<out_stem>.pdf` (atomically); returns both paths.
 
     rho: method display name -> {k: ρ_k = ‖U_kᵀ ΔW‖²_F / ‖ΔW‖²_F}; forgetting: method -> average forgetting
     score in percent, or None when missing (drawn as an absent bar labelled "missing", with a warning);
-    colors: method -> colour (the method configs' `color`; a fallback colour where it is missing).
+    colors: method -> colour (the method configs' `color`; a fallback colour where it is missing);
+    errors: method -> standard error of that score over seeds, drawn as error bars (None or absent: no bar).
     """
     if not rho or not any(rho.values()):
         raise ValueError("figure2: `rho` is empty - need at least one method with ρ_k values to draw figure 2")
     methods = list(rho)
-    colors = {m: (colors or {}).get(m) or FALLBACK_COLORS[i % len(FALLBACK_COLORS)] for i, m in enumerate(methods)}
+    colors = method_colors(methods, colors)
     ks = sorted({k for per_k in rho.values() for k in per_k})
 
     fig = Figure(figsize=(11, 4.5), dpi=150)
@@ -61,30 +67,40 @@ def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None
         warnings.warn(f"figure2: no forgetting score for {', '.join(missing)}; drawn as missing", stacklevel=2)
     values = {m: float(forgetting[m]) for m in order if forgetting.get(m) is not None}
     xs = range(len(order))
-    ax_b.bar(xs, [values.get(m, 0.0) for m in order], color=[colors[m] for m in order], width=0.65)
+    spread = [(errors or {}).get(m) or 0.0 for m in order]
+    ax_b.bar(xs, [values.get(m, 0.0) for m in order], color=[colors[m] for m in order], width=0.65,
+             yerr=spread if any(spread) else None, capsize=4, error_kw={"elinewidth": 1.2})
     if values:
-        lo, hi = min(values.values()), max(values.values())
+        lo = min(values[m] - e for m, e in zip(order, spread, strict=True) if m in values)
+        hi = max(values[m] + e for m, e in zip(order, spread, strict=True) if m in values)
         pad = max(0.5, 0.15 * (hi - lo))
         ax_b.set_ylim(max(0.0, lo - 3 * pad), hi + 2 * pad)
     bottom, top = ax_b.get_ylim()
     for x, m in enumerate(order):
         if m in values:
-            ax_b.text(x, values[m] + 0.02 * (top - bottom), f"{values[m]:.2f}", ha="center", va="bottom", fontsize=8)
+            ax_b.text(x, values[m] + spread[x] + 0.02 * (top - bottom), f"{values[m]:.2f}", ha="center", va="bottom",
+                      fontsize=8)
         else:
             ax_b.text(x, bottom + 0.05 * (top - bottom), "— missing", ha="center", va="bottom", fontsize=8,
                       rotation=90, color="0.4")
     ax_b.set_xticks(list(xs), order, rotation=20, ha="right", fontsize=8)
     ax_b.set_ylabel("average forgetting score (%)")
-    ax_b.set_title("(b) average forgetting score (sorted by ρ_16)", fontsize=10)
+    ax_b.set_title("(b) average forgetting score (sorted by ρ_16)"
+                   + ("\nerror bars: ± one standard error over seeds" if any(spread) else ""), fontsize=10)
     ax_b.grid(True, axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
 
+    return save(fig, out_stem)
+
+
+def save(fig: Figure, out_stem: str | Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Write `<out_stem>.<format>` for each format, atomically (a temporary file renamed into place)."""
     stem = Path(out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in ("png", "pdf"):
+    for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
         with atomic_file(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150)

@@ -17,19 +17,18 @@ import json
 import logging
 import sys
 import traceback
-from dataclasses import dataclass
 
 import hydra
 import safetensors
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from oplora.config import CONFIG_DIR, compose, trains
+from oplora.config import CONFIG_DIR, trains
 from oplora.diagnose import adapter_deltas, base_weights, diagnose, weights_dir
 from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
+from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
 from oplora.methods import get_method
 from oplora.models import compute_dtype, weights_digest
@@ -40,27 +39,6 @@ from oplora.svd import SVDCache
 from oplora.train import adapter_settings, finished, train
 
 log = logging.getLogger("oplora.pipeline")
-
-
-@dataclass(frozen=True)
-class Cell:
-    method: str  # a method config (configs/method/<method>.yaml)
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}/seed{self.seed}"
-
-
-def grid(cfg: DictConfig, overrides: list[str]) -> dict[Cell, DictConfig]:
-    """Every cell's config: the trained cells (method × seed), then the base row when `pipeline.base`."""
-    cells = [Cell(m, s) for m in cfg.pipeline.methods for s in cfg.pipeline.seeds]
-    cells += [Cell("base", cfg.pipeline.seeds[0])] if cfg.pipeline.base else []
-    return {cell: compose([*overrides, f"method={cell.method}", f"seed={cell.seed}"]) for cell in cells}
-
-
-def cells_of(step: Step, cells: dict[Cell, DictConfig]) -> list[Cell]:
-    return [c for c, c_cfg in cells.items() if step.cells == "all" or trains(c_cfg.method)]
 
 
 def target_matrices(cfg: DictConfig) -> dict[str, torch.Tensor]:
@@ -182,8 +160,7 @@ def summary(report: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    given = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)["task"]  # ${…} kept for each cell
-    overrides = [o for o in given if not o.startswith(("launcher=", "pipeline.step=", "pipeline.cell="))]
+    overrides = command_overrides()
     if cfg.launcher.name == "slurm":
         from oplora.launch import submit_pipeline
 

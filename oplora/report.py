@@ -1,9 +1,11 @@
-"""Collect an experiment's results into the paper's tables and figure 2, and log them to W&B.
+"""Collect an experiment's results into the paper's tables and figure 2, and log them to W&B (oplora.tracking).
 
 A cell's column value is `eval/<stage>.json` → metrics[column.metric or column.task].value in
 percent, averaged over seeds (a method with a missing seed shows "—", with a warning: never a value
 computed from part of its cells). ρ_k comes from the cell's `diagnose.json`. Row names and colours
 are the method configs' `display` and `color`; untrained rows (the base model) come first, unranked.
+Beside the tables: `long.csv` (one row per cell × column, with its seed), per-method mean, std, stderr and n
+over seeds in `collect.json` ("stats"), and `dashboard.png`, the W&B dashboard's panels drawn from these files.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from statistics import mean
 
 from omegaconf import DictConfig
 
-from oplora import tables
+from oplora import dashboard, spread, tables, tracking
 from oplora.config import trains
 from oplora.figures import figure2
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
@@ -76,27 +78,10 @@ def cell_averages(cfg: DictConfig, values: dict[str, float | None]) -> dict[str,
     return tables.averages([values[c.label] for c in cfg.eval.columns], [c.role for c in cfg.eval.columns])
 
 
-def start_wandb(cfg: DictConfig, job_type: str, name: str, directory: Path, tags: list[str]):
-    import wandb
-
-    directory.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
-                      dir=str(cfg.wandb.dir or directory), group=cfg.experiment_name, job_type=job_type,
-                      name=name, id=f"{job_type}-{content_hash(name)[:16]}", resume="allow", config=as_dict(cfg),
-                      tags=[cfg.model.name, cfg.data.name, *tags])
-
-
 def log_cell(cfg: DictConfig) -> None:
-    """One W&B eval run per cell: eval/<column>, eval/{finetune,forget}_avg, eval/avg, rho/k<k>."""
-    if cfg.wandb.mode == "disabled":
-        return
+    """The cell's W&B eval run (oplora.tracking.log_eval)."""
     values = cell_values(cfg)
-    summary = {f"eval/{k}": v for k, v in {**values, **cell_averages(cfg, values)}.items() if v is not None}
-    summary.update({f"rho/k{k}": v for k, v in (cell_rho(cfg) or {}).items()})
-    name = f"{cfg.experiment_name}/{cfg.model.name}/{cfg.data.name}/{cfg.method.label}/seed{cfg.seed}"
-    with start_wandb(cfg, "eval", name, Path(cfg.output_dir), [cfg.method.label, f"seed{cfg.seed}"]) as run:
-        run.log(summary)
-        run.summary.update(summary)
+    tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, cell_rho(cfg) or {})
 
 
 def method_rows(cfg: DictConfig, cells: dict) -> tuple[dict[str, dict], dict[str, dict[int, float]], dict]:
@@ -116,6 +101,31 @@ def method_rows(cfg: DictConfig, cells: dict) -> tuple[dict[str, dict], dict[str
         if trains(method) and (found := cell_rho(by_method[label][0])):
             rho[method.display] = found
     return rows, rho, methods
+
+
+def long_rows(cfg: DictConfig, cells: dict) -> list[dict]:
+    """One row per cell × column (the table's columns, the three averages, ρ_k) with its seed (oplora.spread)."""
+    rows = []
+    for cell_cfg in sorted(cells.values(), key=lambda c: trains(c.method)):  # the table's row order
+        values = cell_values(cell_cfg)
+        entries = [(c.label, c.role, values[c.label]) for c in cfg.eval.columns]
+        entries += [(key, "average", value) for key, value in cell_averages(cfg, values).items()]
+        entries += [(f"rho/k{k}", "rho", value) for k, value in (cell_rho(cell_cfg) or {}).items()]
+        rows += [{"experiment": cfg.experiment_name, "model": cfg.model.name, "data": cfg.data.name,
+                  "method": cell_cfg.method.label, "label": cell_cfg.method.display, "seed": cell_cfg.seed,
+                  "column": column, "role": role, "value": value} for column, role, value in entries]
+    return rows
+
+
+def loss_curves(cells: dict) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """{method display name: {seed: [(step, training loss)]}} from the trained cells' run.json."""
+    curves: dict[str, dict] = {}
+    for cell_cfg in cells.values():
+        record = RunDir(cell_cfg.output_dir).trained_record() if trains(cell_cfg.method) else None
+        if record:
+            curves.setdefault(cell_cfg.method.display, {})[cell_cfg.seed] = [
+                (h["step"], h["loss"]) for h in record["log_history"] if "loss" in h]
+    return curves
 
 
 def input_hashes(cells: dict) -> dict[str, str | None]:
@@ -164,28 +174,37 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
         atomic_write_text(out / "paper.md", "\n\n".join([
             tables.to_markdown(published, title=f"The paper's {paper}"),
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
+    long = long_rows(cfg, cells)
+    stats = spread.summarize(long)
     forgetting = {name: table.forget_avg(name) for name in rho}
-    colors = {name: methods[name].get("color") for name in rho}
+    errors = {name: stats[name]["forget_avg"]["stderr"] for name in forgetting}
+    colors = {name: method.get("color") for name, method in methods.items()}
     if rho:
-        figure2(rho, forgetting, out / "figure2", colors=colors, module=cfg.pipeline.rho_module, title=title)
-    atomic_write_text(out / "collect.json", json.dumps({"hash": key, "rows": rows, "rho": rho, "failed": failed,
-                                                        "paper_table": paper, **provenance()}, indent=2))
-    if cfg.wandb.mode != "disabled":
+        figure2(rho, forgetting, out / "figure2", colors=colors, module=cfg.pipeline.rho_module, title=title,
+                errors=errors)
+    atomic_write_text(out / "long.csv", spread.to_csv(long))
+    dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out / "dashboard", colors,
+                     title=title)
+    atomic_write_text(out / "collect.json", json.dumps({"hash": key, "rows": rows, "stats": stats, "rho": rho,
+                                                        "failed": failed, "paper_table": paper, **provenance()},
+                                                       indent=2))
+    if tracking.resolve_mode(cfg.wandb.mode) != "disabled":
         for cell_cfg in cells.values():
             log_cell(cell_cfg)
-        log_table(cfg, table)
-    print(f"tables and figure 2 written to {out}")
+        log_table(cfg, cells, stats)
+    print(f"tables, figure 2 and the dashboard written to {out}")
     return True
 
 
-def log_table(cfg: DictConfig, table: tables.Table) -> None:
-    """The table as a wandb.Table and the forgetting-average bar chart, in one W&B `collect` run."""
-    import wandb
-
-    labels = table.columns
-    data = [[name, *values, table.forget_avg(name), table.avg(name)] for name, values in table.rows.items()]
-    table = wandb.Table(columns=["method", *labels, "forget_avg", "avg"], data=data)
-    name = f"{cfg.experiment_name}/{cfg.model.name}/collect"
-    with start_wandb(cfg, "collect", name, Path(cfg.pipeline.results_dir), ["collect"]) as run:
-        run.log({"table": table, "forget_avg": wandb.plot.bar(table, "method", "forget_avg",
-                                                              title="average forgetting score")})
+def log_table(cfg: DictConfig, cells: dict, stats: dict[str, dict]) -> None:
+    """The collect run (oplora.tracking.log_collect): per method the column means and the averages' mean ± s.e."""
+    out = Path(cfg.pipeline.results_dir)
+    labels = [c.label for c in cfg.eval.columns]
+    keys = ("finetune_avg", "forget_avg", "avg")
+    columns = ["method", *labels, *keys, *(f"{k}_stderr" for k in keys), "seeds"]
+    data = [[name, *(s[label]["mean"] for label in labels), *(s[k]["mean"] for k in keys),
+             *(s[k]["stderr"] for k in keys), s["avg"]["n"]] for name, s in stats.items()]
+    files = [out / f for f in ("table.md", "table.tex", "table.csv", "long.csv", "collect.json", "figure2.png",
+                               "figure2.pdf", "dashboard.png", "paper.md") if (out / f).exists()]
+    tracking.log_collect(cfg, list(cells.values()), {"columns": columns, "data": data}, files)
+    dashboard.publish(cfg)

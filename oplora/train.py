@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.trainer_utils import SchedulerType
 
-from oplora import data
+from oplora import data, tracking
 from oplora.config import CONFIG_DIR, trains
 from oplora.export import export_adapter, save_initial
 from oplora.io import atomic_write_text, cache_root, file_sha256, read_json
@@ -157,13 +157,9 @@ def training_arguments(cfg: DictConfig, run: RunDir, report_to: list[str]) -> Tr
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=report_to,
-        run_name=run_name(cfg),
+        run_name=tracking.run_name(cfg, "train"),
         remove_unused_columns=False,
     )
-
-
-def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.experiment_name}/{cfg.model.name}/{cfg.data.name}/{cfg.method.label}/seed{cfg.seed}"
 
 
 def last_checkpoint(directory: str | Path) -> str | None:
@@ -232,17 +228,12 @@ def check_final_weights(trainer: Trainer, step: int) -> None:
                                  f"{last or 'none'} (lower train.lr, or check the data)")
 
 
-def start_wandb(cfg: DictConfig, out: Path, chash: str) -> list[str]:
-    """Open the rank-0 W&B run (offline by default); the Trainer's callback logs into it."""
-    if cfg.wandb.mode == "disabled":
+def start_wandb(cfg: DictConfig) -> list[str]:
+    """Open the rank-0 W&B train run (oplora.tracking); the Trainer's callback logs into it."""
+    if tracking.resolve_mode(cfg.wandb.mode) == "disabled":
         return []
     if is_main_process():
-        import wandb
-
-        wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
-                   dir=str(cfg.wandb.dir or out), name=run_name(cfg), group=cfg.experiment_name,
-                   job_type="train", id=f"train-{chash[:16]}", resume="allow", config=as_dict(cfg),
-                   tags=[cfg.model.name, cfg.data.name, cfg.method.label, f"seed{cfg.seed}"])
+        tracking.start(cfg, "train", cfg.output_dir)
     return ["wandb"]
 
 
@@ -298,7 +289,7 @@ def train(cfg: DictConfig) -> Path:
     if prepare_output(run, cfg, chash):
         log.info("%s already finished with this config (hash %s); force=true reruns it", run.root, chash[:12])
         return run.root
-    args = training_arguments(cfg, run, start_wandb(cfg, run.root, chash))
+    args = training_arguments(cfg, run, start_wandb(cfg))
     cache = Path(cfg.cache_dir or cache_root())
     set_seed(cfg.seed)
 
@@ -339,10 +330,8 @@ def train(cfg: DictConfig) -> Path:
                   "train_examples": len(train_set), "metrics": metrics, "log_history": history, **provenance()}
         atomic_write_text(run.record, json.dumps(record, indent=2))
         log.info("adapter written to %s", run.adapter)
-    if "wandb" in args.report_to:
-        import wandb
-
-        wandb.finish()
+    if "wandb" in args.report_to and trainer.is_world_process_zero():
+        tracking.finish_train(cfg, run.adapter)
     return run.root
 
 

@@ -71,3 +71,12 @@ def test_empty_rho_raises(tmp_path, rho):
     with pytest.raises(ValueError, match="rho.*empty"):
         figure2(rho, {"LoRA": 40.0}, tmp_path / "fig2")
     assert not list(tmp_path.iterdir())
+
+
+def test_error_bars_over_seeds_are_drawn_only_when_given(tmp_path):
+    rho, forgetting = _inputs()
+    plain = mpimg.imread(figure2(rho, forgetting, tmp_path / "plain")[0])
+    single = mpimg.imread(figure2(rho, forgetting, tmp_path / "single", errors=dict.fromkeys(forgetting))[0])
+    spread = mpimg.imread(figure2(rho, forgetting, tmp_path / "spread", errors=dict.fromkeys(forgetting, 1.5))[0])
+    assert (plain == single).all()  # one seed: no standard error, the same figure
+    assert (plain != spread).any()

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from helpers import compose, eval_overrides
+from oplora.grid import grid
 from oplora.launch import submit_pipeline
-from oplora.pipeline import grid, run, summary
+from oplora.pipeline import run, summary
 from oplora.slurm import wait
-from oplora.wandb_log import read_run
+from wandb_log import read_run
 
 
 def grid_overrides(data_files, tasks, root: Path, *extra) -> list[str]:
@@ -64,9 +65,11 @@ def test_graph_runs_once_skips_then_reruns_only_what_changed(data_files, tasks, 
     logged = collect_run["history"][0]
     assert logged["table/nrows"] == 3 and logged["forget_avg_table/_type"] == "table-file"  # the bar chart's data
     table = json.loads((collect_run["dir"] / "files" / logged["table/path"]).read_text())
-    assert table["columns"] == ["method", "Capitals", "Sums", "forget_avg", "avg"]
+    assert table["columns"] == ["method", "Capitals", "Sums", "finetune_avg", "forget_avg", "avg",
+                                "finetune_avg_stderr", "forget_avg_stderr", "avg_stderr", "seeds"]
     assert table["data"][2][0] == "OPLoRA-16"
-    assert table["data"][2][3] == pytest.approx(collected["rows"]["OPLoRA-16"]["Sums"])
+    assert table["data"][2][4] == pytest.approx(collected["rows"]["OPLoRA-16"]["Sums"])
+    assert table["data"][2][7] is None and table["data"][2][9] == 1  # one seed: no standard error
 
 
 def test_a_failed_cell_is_reported_and_shown_missing(data_files, tasks, tmp_path):

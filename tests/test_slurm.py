@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from helpers import compose
+from oplora.grid import Cell
 from oplora.launch import submit_pipeline
-from oplora.pipeline import Cell
 from oplora.slurm import NEVER_RUNS, Step, render, submit, wait
 
 REPO = Path(__file__).resolve().parents[1]

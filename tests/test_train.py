@@ -16,8 +16,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from helpers import compose, load, logits, rel
+from oplora import tracking
 from oplora.train import train
-from oplora.wandb_log import read_run
+from wandb_log import read_run
 
 METHODS = ["lora", "pissa", "milora", "lora_null", "oplora16", "oplora128"]
 
@@ -130,17 +131,27 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(data_files, calibration_fi
     assert kept and all(torch.isfinite(t).all() for t in load_file(kept[-1] / "adapter_model.safetensors").values())
 
 
-def test_wandb_offline_run_has_config_tags_and_metrics(data_files, calibration_file, tmp_path):
+def test_wandb_offline_run_has_config_tags_metrics_and_the_adapter(data_files, calibration_file, tmp_path):
     out = train(compose(*overrides(data_files, calibration_file, tmp_path / "run", "oplora16"), "wandb=offline",
                         "experiment_name=wbtest", "seed=7"))
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     run = read_run(run_dir)
     assert run["group"] == "wbtest" and run["name"] == "wbtest/tiny-llama/metamath100k/oplora16/seed7"
+    assert run["job_type"] == "train"
     assert set(run["tags"]) == {"tiny-llama", "metamath100k", "oplora16", "seed7"}
     assert run["config"]["method"] == {"name": "oplora", "label": "oplora16", "display": "OPLoRA-16",
                                        "color": "#d62728", "k": 16}
+    record = json.loads((out / "run.json").read_text())
+    assert {k: run["config"][k] for k in tracking.FIELDS} == {
+        "experiment": "wbtest", "model_name": "tiny-llama", "data_name": "metamath100k", "method_label": "oplora16",
+        "method_k": 16, "lora_r": 8, "seed": 7, "git_commit": record["git_commit"],
+        "config_hash": record["config_hash"]}
     assert [h["train/global_step"] for h in run["history"] if "train/loss" in h] == [1, 2, 3]
     assert run["summary"]["train/global_step"] == 3 and run["summary"]["train_loss"] > 0
+    (artifact,) = run["artifacts"]
+    assert artifact["name"] == "adapter-wbtest-tiny-llama-metamath100k-oplora16-seed7" and artifact["type"] == "adapter"
+    adapter = (out / "adapter").resolve()
+    assert artifact["entries"]["adapter_model.safetensors"] == f"file://{adapter}/adapter_model.safetensors"
 
 
 def test_wandb_disabled_writes_nothing(data_files, calibration_file, tmp_path):

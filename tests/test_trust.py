@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_pipeline import grid_overrides
 from test_train import overrides
 
 from helpers import compose
 from oplora.evaluation.cell import evaluate
 from oplora.pipeline import diagnose_step, run
 from oplora.train import train
+from test_pipeline import grid_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

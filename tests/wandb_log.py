@@ -2,13 +2,14 @@
 
 The log is LevelDB's record format after a 7-byte header (":W&B", magic, version): 32 KiB blocks
 of chunks [crc32c:4][length:2][type:1][data], type FULL=1 or FIRST=2 / MIDDLE=3 / LAST=4, each
-record a `wandb_internal_pb2.Record`. Used to check offline runs without a W&B server.
+record a `wandb_internal_pb2.Record`. The tests check offline runs with it, without a W&B server.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -29,6 +30,8 @@ def records(path: str | Path):
         if kind == 0 and length == 0:  # zero padding
             pos += BLOCK - pos % BLOCK
             continue
+        if pos + CHUNK_HEADER + length > len(data):  # a chunk still being written
+            return
         parts.append(data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length])
         pos += CHUNK_HEADER + length
         if kind in (1, 4):  # FULL or LAST ends a record
@@ -42,14 +45,26 @@ def _items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """{"name", "group", "tags", "config", "summary", "history"} of one offline run directory."""
+def read_run(run_dir: str | Path, timeout: float = 60) -> dict:
+    """{"name", "group", "job_type", "tags", "config", "summary", "history", "artifacts"} of one offline run
+    directory; each artifact is {"name", "type", "metadata", "entries": {path: reference URI or None}}.
+    wandb's service may still be writing the log when `finish()` has returned: this waits (up to `timeout`
+    seconds) for the run's last record, `exit`."""
+    deadline = time.monotonic() + timeout
+    while not (run := parse(run_dir))["exited"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return run
+
+
+def parse(run_dir: str | Path) -> dict:
     (log,) = Path(run_dir).glob("*.wandb")
-    run = {"config": {}, "summary": {}, "history": []}
+    run = {"config": {}, "summary": {}, "history": [], "artifacts": [], "exited": False}
     for record in records(log):
         kind = record.WhichOneof("record_type")
+        run["exited"] |= kind == "exit"
         if kind == "run":
-            run.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+            run.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type,
+                       tags=list(record.run.tags))
             run["config"].update(_items(record.run.config.update))
         elif kind == "config":
             run["config"].update(_items(record.config.update))
@@ -57,4 +72,8 @@ def read_run(run_dir: str | Path) -> dict:
             run["summary"].update(_items(record.summary.update))
         elif kind == "history":
             run["history"].append(_items(record.history.item))
+        elif kind == "artifact":
+            a = record.artifact
+            run["artifacts"].append({"name": a.name, "type": a.type, "metadata": json.loads(a.metadata or "{}"),
+                                     "entries": {e.path: e.ref or None for e in a.manifest.contents}})
     return run
