@@ -95,7 +95,7 @@ def save(view) -> str:
 
 def publish(cfg: DictConfig) -> str | None:
     """Write `<results_dir>/dashboard.json`; online, save it too and return its URL."""
-    online = tracking.resolve_mode(cfg.wandb.mode) == "online"
+    online = tracking.effective_mode(cfg.wandb.mode) == "online"
     entity = cfg.wandb.entity or (tracking.default_entity() if online else "")
     view = workspace(entity, cfg.wandb.project, cfg.experiment_name, cfg.model.name, cfg.data.name,
                      [c.label for c in cfg.eval.columns], figure_k(cfg.pipeline.rho_ks))

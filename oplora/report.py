@@ -15,7 +15,6 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from statistics import mean
 
 from omegaconf import DictConfig
 
@@ -84,23 +83,16 @@ def log_cell(cfg: DictConfig) -> None:
     tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, cell_rho(cfg) or {})
 
 
-def method_rows(cfg: DictConfig, cells: dict) -> tuple[dict[str, dict], dict[str, dict[int, float]], dict]:
-    """Per method (its display name), untrained reference rows first: column values averaged over seeds,
-    ρ_k of its first seed, and its method config (colour, whether it trains)."""
+def method_rows(cfg: DictConfig, cells: dict, stats: dict) -> tuple[dict[str, dict], dict[str, dict], dict]:
+    """Per method (its display name), untrained reference rows first: its columns' means over seeds (from
+    `stats`, oplora.spread: None when a seed is missing), ρ_k of its first seed, and its method config."""
     by_method: dict[str, list] = {}
-    for cell_cfg in cells.values():
-        by_method.setdefault(cell_cfg.method.label, []).append(cell_cfg)
-    order = sorted(by_method, key=lambda label: trains(by_method[label][0].method))  # stable: grid order otherwise
-    rows, rho, methods = {}, {}, {}
-    for label in order:
-        runs = [cell_values(c) for c in by_method[label]]
-        method = by_method[label][0].method
-        rows[method.display] = {c.label: (mean(r[c.label] for r in runs) if all(r[c.label] is not None for r in runs)
-                                          else None) for c in cfg.eval.columns}
-        methods[method.display] = method
-        if trains(method) and (found := cell_rho(by_method[label][0])):
-            rho[method.display] = found
-    return rows, rho, methods
+    for cell_cfg in sorted(cells.values(), key=lambda c: trains(c.method)):  # stable: grid order otherwise
+        by_method.setdefault(cell_cfg.method.display, []).append(cell_cfg)
+    rows = {name: {c.label: stats[name][c.label]["mean"] for c in cfg.eval.columns} for name in by_method}
+    rho = {name: found for name, group in by_method.items()
+           if trains(group[0].method) and (found := cell_rho(group[0]))}
+    return rows, rho, {name: group[0].method for name, group in by_method.items()}
 
 
 def long_rows(cfg: DictConfig, cells: dict) -> list[dict]:
@@ -150,13 +142,19 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     """Tables (Markdown, LaTeX, CSV; beside the paper's when one matches), figure 2, W&B runs; whether it ran."""
     out = Path(cfg.pipeline.results_dir)
     columns = [{"label": c.label, "role": c.role} for c in cfg.eval.columns]
-    rows, rho, methods = method_rows(cfg, cells)
+    long = long_rows(cfg, cells)
+    stats = spread.summarize(long)
+    rows, rho, methods = method_rows(cfg, cells, stats)
     table = tables.build(columns, rows, reference=[name for name, m in methods.items() if not trains(m)])
     paper, failed = cfg.pipeline.paper_table, cell_failures(cells)
     key = content_hash({"inputs": input_hashes(cells), "columns": columns, "failed": failed, "paper": paper,
                         "rows": {name: as_dict(m) for name, m in methods.items()},
                         "rho_module": cfg.pipeline.rho_module})
-    done = read_json(out / "collect.json")
+    try:
+        done = read_json(out / "collect.json")
+    except CorruptFile as err:  # rewritten below
+        log.warning("%s", err)
+        done = None
     print(tables.to_markdown(table, title=f"{cfg.experiment_name}: {cfg.model.name} on {cfg.data.name}"))
     if done and done["hash"] == key and (out / "figure2.png").exists():
         log.info("%s is up to date", out)
@@ -174,8 +172,6 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
         atomic_write_text(out / "paper.md", "\n\n".join([
             tables.to_markdown(published, title=f"The paper's {paper}"),
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
-    long = long_rows(cfg, cells)
-    stats = spread.summarize(long)
     forgetting = {name: table.forget_avg(name) for name in rho}
     errors = {name: stats[name]["forget_avg"]["stderr"] for name in forgetting}
     colors = {name: method.get("color") for name, method in methods.items()}
@@ -188,7 +184,7 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     atomic_write_text(out / "collect.json", json.dumps({"hash": key, "rows": rows, "stats": stats, "rho": rho,
                                                         "failed": failed, "paper_table": paper, **provenance()},
                                                        indent=2))
-    if tracking.resolve_mode(cfg.wandb.mode) != "disabled":
+    if tracking.effective_mode(cfg.wandb.mode) != "disabled":
         for cell_cfg in cells.values():
             log_cell(cell_cfg)
         log_table(cfg, cells, stats)

@@ -58,7 +58,7 @@ def api_key_configured() -> bool:
         return False
 
 
-def resolve_mode(configured: str) -> str:
+def effective_mode(configured: str) -> str:
     """online, offline or disabled: see the module docstring for the order."""
     env = os.environ.get("WANDB_MODE")
     env = ALIASES.get(env, env)
@@ -104,7 +104,7 @@ def run_config(cfg: DictConfig, job_type: str) -> dict:
 
 def start(cfg: DictConfig, job_type: str, directory: str | Path):
     """Open a run (train, eval or collect) in the resolved mode; None when W&B is disabled."""
-    mode = resolve_mode(cfg.wandb.mode)
+    mode = effective_mode(cfg.wandb.mode)
     if mode == "disabled":
         return None
     import wandb

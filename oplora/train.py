@@ -230,7 +230,7 @@ def check_final_weights(trainer: Trainer, step: int) -> None:
 
 def start_wandb(cfg: DictConfig) -> list[str]:
     """Open the rank-0 W&B train run (oplora.tracking); the Trainer's callback logs into it."""
-    if tracking.resolve_mode(cfg.wandb.mode) == "disabled":
+    if tracking.effective_mode(cfg.wandb.mode) == "disabled":
         return []
     if is_main_process():
         tracking.start(cfg, "train", cfg.output_dir)

@@ -31,12 +31,12 @@ def no_credentials(monkeypatch, tmp_path):
 
 
 def test_auto_mode_is_online_only_with_credentials(no_credentials, monkeypatch):
-    assert tracking.resolve_mode("auto") == "offline"
+    assert tracking.effective_mode("auto") == "offline"
     no_credentials.write_text(f"machine api.wandb.ai\n  login user\n  password {KEY}\n")  # what `wandb login` writes
-    assert tracking.resolve_mode("auto") == "online"
+    assert tracking.effective_mode("auto") == "online"
     no_credentials.unlink()
     monkeypatch.setenv("WANDB_API_KEY", KEY)
-    assert tracking.resolve_mode("auto") == "online"
+    assert tracking.effective_mode("auto") == "online"
 
 
 @pytest.mark.parametrize("env, configured, expected", [
@@ -47,13 +47,13 @@ def test_a_set_wandb_mode_wins_over_the_config(no_credentials, monkeypatch, env,
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     if env:
         monkeypatch.setenv("WANDB_MODE", env)
-    assert tracking.resolve_mode(configured) == expected
+    assert tracking.effective_mode(configured) == expected
 
 
 def test_an_unknown_mode_is_refused(no_credentials, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "onlin")
     with pytest.raises(ValueError, match="WANDB_MODE='onlin'.*auto, online, offline, disabled"):
-        tracking.resolve_mode("auto")
+        tracking.effective_mode("auto")
 
 
 SEEDS = (1, 2)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 from test_train import overrides
+from transformers import AutoTokenizer
 
 from helpers import compose
+from oplora.data import tokenized
 from oplora.evaluation.cell import evaluate
 from oplora.pipeline import diagnose_step, run
 from oplora.train import train
@@ -59,6 +61,24 @@ def test_a_bad_override_never_touches_a_finished_run(data_files, calibration_fil
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_model_directory_without_weights_and_a_truncated_record_are_named(grid, data_files, calibration_file,
+                                                                          tiny_dirs, tmp_path):
+    empty = tmp_path / "model"
+    empty.mkdir()
+    shutil.copy(tiny_dirs["llama"] / "config.json", empty)
+    with pytest.raises(FileNotFoundError, match=f"model directory {empty} holds no .*safetensors weights"):
+        train(compose(*overrides(data_files, calibration_file, tmp_path / "run", "lora"), f"model.path={empty}"))
+    root, args = grid
+    record = root / "runs" / "lora" / "seed42" / "run.json"
+    saved = record.read_text()
+    record.write_text(saved[:100])
+    try:
+        with pytest.raises(ValueError, match=r"run\.json is not valid JSON .*delete it to recompute it"):
+            evaluate(compose(*args, "method=lora"))
+    finally:
+        record.write_text(saved)
+
+
 def test_resuming_the_final_checkpoint_takes_no_extra_step(data_files, calibration_file, tmp_path):
     """Killed after the last step, before the export: the rerun exports that checkpoint as it is."""
     args = lambda out: overrides(data_files, calibration_file, out, "oplora16", "tiny-llama",  # noqa: E731
@@ -76,7 +96,7 @@ def test_resuming_the_final_checkpoint_takes_no_extra_step(data_files, calibrati
     assert not (killed / ".adapter.tmp999999999").exists() and (killed / ".config.json.tmp1").exists()
 
 
-def test_data_changed_in_place_retrains_and_retokenizes(data_files, calibration_file, tmp_path):
+def test_data_changed_in_place_retrains_and_retokenizes(data_files, calibration_file, tiny_dirs, tmp_path):
     data = tmp_path / "data.jsonl"
     shutil.copy(data_files["metamath100k"], data)
     args = [*overrides(data_files, calibration_file, tmp_path / "run", "lora"), f"data.path={data}"]
@@ -88,6 +108,11 @@ def test_data_changed_in_place_retrains_and_retokenizes(data_files, calibration_
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
     train(compose(*args))
     assert json.loads((out / "run.json").read_text())["config_hash"] != first
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    changed = tokenized(compose(*args).data, tokenizer, tmp_path / "cache")
+    data.write_text(text)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert tokenized(compose(*args).data, tokenizer, tmp_path / "cache")["input_ids"] != changed["input_ids"]
 
 
 def test_stale_corrupt_and_reevaluated_results_in_the_table(grid):
