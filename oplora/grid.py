@@ -33,6 +33,7 @@ def cells_of(step: Step, cells: dict[Cell, DictConfig]) -> list[Cell]:
 
 
 def command_overrides() -> list[str]:
-    """The running Hydra command's overrides (${…} kept, for each cell), less launcher, step and cell choices."""
+    """The running Hydra command's overrides (${…} kept, for each cell), less the launcher's and the step's or
+    cell's: what a step's own process (local or a SLURM job) is given, with its own launcher settings."""
     given = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)["task"]
-    return [o for o in given if not o.startswith(("launcher=", "pipeline.step=", "pipeline.cell="))]
+    return [o for o in given if not o.startswith(("launcher=", "launcher.", "pipeline.step=", "pipeline.cell="))]

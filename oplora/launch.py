@@ -19,21 +19,31 @@ from omegaconf import DictConfig
 
 from oplora.config import trains
 from oplora.graph import GRAPH
+from oplora.graph import Step as GraphStep
 from oplora.record import as_dict
 from oplora.slurm import Step, submit, wait
 
 
-def pipeline_jobs(python: str, overrides: list[str], cells: dict) -> list[Step]:
+def step_command(python: str, overrides: list[str], step: GraphStep, gpus: int, cell: str | None = None
+                 ) -> list[str]:
+    """The command that runs one step of the graph (for grid cell `cell`) in a process of its own: the pipeline
+    with the local launcher, in one process, or for training on N > 1 GPUs, N processes under torchrun (the
+    effective batch stays train.batch_size: gradient accumulation is derived from the world size)."""
+    launch = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
+        if step.name == "train" and gpus > 1 else [python]
+    return [*launch, "-m", "oplora.pipeline", *overrides, "launcher=local", "launcher.isolate=false",
+            f"launcher.gpus={gpus}", f"pipeline.step={step.name}", *([f"pipeline.cell={cell}"] if cell else [])]
+
+
+def pipeline_jobs(python: str, overrides: list[str], cells: dict, gpus: int) -> list[Step]:
     """One SLURM step per graph step. Array task i is grid cell i: the grid lists the trained cells first."""
-    base = f"{shlex.quote(python)} -m oplora.pipeline {shlex.join(overrides)} launcher=local"
     trained = sum(trains(c.method) for c in cells.values())
     jobs = []
     for step in GRAPH:
-        command = f"{base} pipeline.step={step.name}"
-        array = None
-        if step.per_cell:
-            command += " pipeline.cell=$SLURM_ARRAY_TASK_ID"
-            array = trained if step.cells == "trained" else len(cells)
+        cell = "$SLURM_ARRAY_TASK_ID" if step.per_cell else None
+        argv = step_command(python, overrides, step, gpus, cell)  # the cell index expands in the job's shell
+        command = " ".join(a if a == f"pipeline.cell={cell}" else shlex.quote(a) for a in argv)
+        array = (trained if step.cells == "trained" else len(cells)) if step.per_cell else None
         jobs.append(Step(step.name, command, array=array, after=step.after, dependency="afterany",
                          gpus=0 if step.resources == "cpu" else None))
     return jobs
@@ -42,7 +52,7 @@ def pipeline_jobs(python: str, overrides: list[str], cells: dict) -> list[Step]:
 def submit_pipeline(cfg: DictConfig, overrides: list[str], cells: dict) -> dict[str, str]:
     settings = as_dict(cfg.launcher)
     directory = Path(cfg.pipeline.results_dir).parent / "slurm"
-    jobs = pipeline_jobs(settings["python"] or sys.executable, overrides, cells)
+    jobs = pipeline_jobs(settings["python"] or sys.executable, overrides, cells, int(settings["gpus"] or 1))
     ids = submit(jobs, settings, directory, job_prefix=f"oplora-{cfg.experiment_name}", workdir=Path.cwd())
     print(f"submitted {', '.join(f'{name}={job}' for name, job in ids.items())}; scripts and logs in {directory}")
     if settings["wait"] and all(ids.values()):

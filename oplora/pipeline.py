@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
 import traceback
 
@@ -30,6 +32,7 @@ from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
+from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
 from oplora.models import compute_dtype, weights_digest
 from oplora.report import collect
@@ -39,6 +42,7 @@ from oplora.svd import SVDCache
 from oplora.train import adapter_settings, finished, train
 
 log = logging.getLogger("oplora.pipeline")
+REPORT = "oplora-report: "
 
 
 def target_matrices(cfg: DictConfig) -> dict[str, torch.Tensor]:
@@ -109,7 +113,8 @@ CELL_ACTIONS = {"train": train_step, "diagnose": diagnose_step, "eval": eval_ste
 ONCE_ACTIONS = {"svd": svd_step, "collect": collect}
 
 
-def run_step(step: Step, cfg: DictConfig, cells: dict[Cell, DictConfig], chosen: list[Cell], report: dict) -> None:
+def run_step(step: Step, cfg: DictConfig, overrides: list[str], cells: dict[Cell, DictConfig], chosen: list[Cell],
+             report: dict) -> None:
     """Run one step of the graph (on the chosen cells, for a per-cell step), recording what happened."""
     if not step.per_cell:
         try:
@@ -121,9 +126,15 @@ def run_step(step: Step, cfg: DictConfig, cells: dict[Cell, DictConfig], chosen:
         return
     for cell in (c for c in cells_of(step, cells) if c in chosen):
         run = RunDir(cells[cell].output_dir)
+        if not main_rank():  # a training rank under torchrun: rank 0 locks and records
+            CELL_ACTIONS[step.name](cells[cell])
+            continue
         if blockers := blocked_by(step, run.failures()):
             log.warning("%s %s: blocked, %s failed (%s)", step.name, cell.name, blockers[0], run.failure(blockers[0]))
             report["blocked"][step.name].append(cell.name)
+            continue
+        if isolated(cfg, step):
+            run_isolated(step, cfg, overrides, list(cells).index(cell), cell, run, report)
             continue
         try:
             with run.lock(step.name):  # another pipeline on the same cell waits, then finds the work done
@@ -137,6 +148,37 @@ def run_step(step: Step, cfg: DictConfig, cells: dict[Cell, DictConfig], chosen:
             report["failed"][cell.name] = f"{step.name}: {type(err).__name__}: {err}"
 
 
+def main_rank() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def isolated(cfg: DictConfig, step: Step) -> bool:
+    """Whether a GPU step runs in a process of its own (`launcher.isolate`: auto = when a GPU is present)."""
+    setting = cfg.launcher.get("isolate", False)
+    return step.resources == "gpu" and (torch.cuda.is_available() if setting == "auto" else bool(setting))
+
+
+def run_isolated(step: Step, cfg: DictConfig, overrides: list[str], index: int, cell: Cell, run: RunDir,
+                 report: dict) -> None:
+    """One (cell, step) in its own process (N processes under torchrun for training on N GPUs), its log streamed
+    through; the child records a failure in the run directory, or the parent does when the child died."""
+    argv = step_command(sys.executable, overrides, step, int(cfg.launcher.get("gpus") or 1), str(index))
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    found = None
+    for line in child.stdout:
+        sys.stdout.write(line)
+        if line.startswith(REPORT):
+            found = json.loads(line.removeprefix(REPORT))
+    code = child.wait()
+    if found is None or code != 0:
+        if step.name not in run.failures():
+            run.record_failure(step.name, f"its process exited with code {code}", " ".join(argv))
+        report["failed"][cell.name] = f"{step.name}: {run.failures()[step.name]}"
+        return
+    for outcome in ("ran", "skipped", "blocked"):
+        report[outcome][step.name] += found[outcome][step.name]
+
+
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
     """Run the selected steps (and cells) here, in graph order; a report of what ran, was skipped, blocked or failed."""
     if cfg.pipeline.step != "all" and cfg.pipeline.step not in STEPS:
@@ -146,7 +188,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     chosen = list(cells) if cfg.pipeline.cell is None else [list(cells)[cfg.pipeline.cell]]
     report = {key: {s.name: [] for s in steps} for key in ("ran", "skipped", "blocked")} | {"failed": {}}
     for step in steps:
-        run_step(step, cfg, cells, chosen, report)
+        run_step(step, cfg, overrides, cells, chosen, report)
     return report
 
 
@@ -162,12 +204,12 @@ def summary(report: dict) -> str:
 def main(cfg: DictConfig) -> None:
     overrides = command_overrides()
     if cfg.launcher.name == "slurm":
-        from oplora.launch import submit_pipeline
-
         submit_pipeline(cfg, overrides, grid(cfg, overrides))
         return
     report = run(cfg, overrides)
-    print(summary(report))
+    if main_rank():
+        print(summary(report))
+        print(REPORT + json.dumps(report))  # read by a parent pipeline that ran this step in its own process
     if report["failed"]:
         sys.exit(1)
 

@@ -299,7 +299,8 @@ def train(cfg: DictConfig) -> Path:
     train_set = data.tokenized(cfg.data, tokenizer, cache)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, compute_dtype(cfg.model)),
                                                  trust_remote_code=cfg.model.trust_remote_code)
-    model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)
+    with args.main_process_first(desc="the adapter's SVD and calibration caches"):  # the other ranks read them
+        model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)
     initial = None
     if get_method(settings.method).mutates_base:
         initial = run.initial_adapter
@@ -327,7 +328,8 @@ def train(cfg: DictConfig) -> Path:
                   "base_digest": weights_digest(model_dir), "adapter": str(run.adapter),
                   "adapter_sha256": file_sha256(run.adapter_weights),
                   "initial_adapter": str(initial) if initial else None,
-                  "train_examples": len(train_set), "metrics": metrics, "log_history": history, **provenance()}
+                  "train_examples": len(train_set), "world_size": world_size(), "metrics": metrics,
+                  "log_history": history, **provenance()}
         atomic_write_text(run.record, json.dumps(record, indent=2))
         log.info("adapter written to %s", run.adapter)
     if "wandb" in args.report_to and trainer.is_world_process_zero():

@@ -123,3 +123,20 @@ def test_slurm_runs_the_grid_as_job_arrays(cluster, data_files, tasks, tmp_path)
     assert all(v is not None for row in ("Base", "LoRA", "OPLoRA-16") for v in collected["rows"][row].values())
     again = pipeline(overrides)  # everything the jobs did is reused
     assert all(not cells for cells in again["ran"].values()), summary(again)
+
+
+@pytest.mark.slow
+def test_each_gpu_step_in_its_own_process_and_training_on_two(data_files, tasks, tmp_path):
+    """launcher.isolate=true: train and eval of every cell in processes of their own (the GPU path: DeepSpeed
+    and vLLM keep GPU memory within a process); launcher.gpus=2: training in two processes under torchrun
+    (gloo here), the effective batch unchanged, the other rank waiting for rank 0's caches."""
+    overrides = [o.replace("train.micro_batch_size=4", "train.micro_batch_size=2") for o in grid_overrides(
+        data_files, tasks, tmp_path, "wandb=disabled", "pipeline.methods=[lora]", "deepspeed=zero2")]
+    report = run(compose(*overrides, "launcher.isolate=true", "launcher.gpus=2"), overrides)
+    assert report["failed"] == {}, summary(report)
+    assert report["ran"] == {"svd": ["all"], "train": ["lora/seed42"], "diagnose": ["lora/seed42"],
+                             "eval": ["lora/seed42", "base/seed42"], "collect": ["all"]}
+    record = json.loads((tmp_path / "runs" / "lora" / "seed42" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["log_history"][-1]["step"] == 2
+    again = run(compose(*overrides, "launcher.isolate=true", "launcher.gpus=2"), overrides)
+    assert again["skipped"]["train"] == ["lora/seed42"] and again["skipped"]["eval"] == ["lora/seed42", "base/seed42"]
