@@ -59,8 +59,8 @@ def test_finished_stage_is_skipped_forced_or_rerun_on_change(run, tasks):
 
 
 def test_interrupted_stage_resumes_after_finished_tasks(run, tasks, tmp_path):
-    """A partial file from a killed run holds toy_capitals; the rerun must not evaluate it again (its data is
-    gone, so evaluating it would fail) and must finish toy_sums."""
+    """A partial file from a killed run holds toy_capitals; the rerun must not evaluate it again (its samples file
+    stays as it was) and must finish toy_sums."""
     path = evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"][0]
     done = json.loads(path.read_text())
     partial = {"stage_hash": done["stage_hash"],
@@ -68,13 +68,12 @@ def test_interrupted_stage_resumes_after_finished_tasks(run, tasks, tmp_path):
                                           "details": {"toy_capitals": done["details"]["toy_capitals"]}}}}
     path.unlink()
     path.with_name("lm_eval.partial.json").write_text(json.dumps(partial))
-    moved = tmp_path / "toy_capitals.jsonl"
-    (tasks / "toy_capitals.jsonl").rename(moved)
-    try:
-        resumed = json.loads(evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"][0].read_text())
-    finally:
-        moved.rename(tasks / "toy_capitals.jsonl")
+    samples = {task: path.parent / "lm_eval" / f"{task}.samples.jsonl" for task in ("toy_capitals", "toy_sums")}
+    stamps = {task: file.stat().st_mtime_ns for task, file in samples.items()}
+    resumed = json.loads(evaluate(compose(*run, *eval_overrides(tasks, "eval.limit=5")))["lm_eval"][0].read_text())
     assert resumed["metrics"] == done["metrics"]
+    assert samples["toy_capitals"].stat().st_mtime_ns == stamps["toy_capitals"]  # not evaluated again
+    assert samples["toy_sums"].stat().st_mtime_ns != stamps["toy_sums"]
     assert not path.with_name("lm_eval.partial.json").exists()
 
 
