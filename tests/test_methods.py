@@ -17,7 +17,8 @@ IDS = ["lora", "pissa", "milora", "lora_null_v1", "lora_null_v2", "oplora8", "op
 
 
 def test_registry_lists_the_five_methods():
-    assert methods() == ["lora", "lora_null", "milora", "oplora", "pissa"]
+    built_in = [m for m in methods() if type(get_method(m)).__module__.startswith("oplora.methods.")]
+    assert built_in == ["lora", "lora_null", "milora", "oplora", "pissa"]  # (tests may register more)
     with pytest.raises(ValueError, match="valid methods: lora, lora_null, milora, oplora, pissa"):
         get_method("dora")
 
