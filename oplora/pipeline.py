@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from oplora.config import CONFIG_DIR, compose, trains
-from oplora.diagnose import adapter_deltas, base_weights, diagnose, weights_dir
+from oplora.diagnose import base_weights, diagnose_adapter, weights_dir
 from oplora.evaluation.cell import evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.io import atomic_write_text, cache_root, file_sha256
@@ -110,10 +110,8 @@ def diagnose_step(cfg: DictConfig) -> bool:
                         "ks": list(cfg.pipeline.rho_ks)})
     if (read_json(run.diagnose) or {}).get("hash") == key:
         return False
-    deltas = adapter_deltas(run.adapter)
-    dtype = getattr(torch, compute_dtype(cfg.model))
-    original = {name: W.to(dtype) for name, W in base_weights(record["base_model"], sorted(deltas)).items()}
-    result = diagnose(original, deltas, list(cfg.pipeline.rho_ks), SVDCache(cfg.cache_dir or cache_root()))
+    result = diagnose_adapter(record["base_model"], run.adapter, list(cfg.pipeline.rho_ks),
+                              SVDCache(cfg.cache_dir or cache_root()), getattr(torch, compute_dtype(cfg.model)))
     atomic_write_text(run.diagnose, json.dumps({"hash": key, **result}, indent=2))
     return True
 

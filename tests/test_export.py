@@ -16,11 +16,11 @@ from oplora.methods import get_method
 from test_methods import ALL, IDS
 
 
-def trained_and_exported(directory, method, extra, svd, calibration_file, tmp_path, dtype=torch.float32):
+def trained_and_exported(directory, method, extra, svd, calibration_file, tmp_path, dtype=torch.float32, steps=8):
     s = settings(method, calibration_file, **extra)
     original, model = adapt(directory, s, svd, dtype=dtype)
     initial = save_initial(model, tmp_path / "initial_adapter") if get_method(method).mutates_base else None
-    train(model, steps=8, lr=1e-3)
+    train(model, steps=steps, lr=1e-3)
     return original, model, export_adapter(model, method, tmp_path / "adapter", initial)
 
 
@@ -83,3 +83,34 @@ def test_diagnose_cli_separates_lora_from_oplora(tiny_dirs, svd, calibration_fil
     assert reports["oplora"]["aggregate"]["rho_max"]["8"] <= 1e-10
     assert set(reports["oplora"]["modules"]) == set(reports["lora"]["modules"])
     assert len(reports["lora"]["modules"]) == 2 * 5  # 2 layers × 5 target modules
+
+
+def dense_report(W, delta, ks, svd):
+    """The diagnostics from the dense ΔW (m×n, float64): the reference the factor form must equal."""
+    U, S, V, _ = svd.top(W, max(ks))
+    U, V, d = U.double(), V.double(), delta.double()
+    dV, dTU, norm, sigma_1 = d @ V, d.T @ U, torch.linalg.matrix_norm(d), float(S[0])
+    shift = torch.cummax((U * dV).sum(0).abs(), dim=0).values / sigma_1
+    triple = torch.cummax(torch.maximum(dV.norm(dim=0), dTU.norm(dim=0)), dim=0).values / sigma_1
+    leak = torch.cumsum((dV**2).sum(0), dim=0).sqrt() / norm
+    rho_k = torch.cumsum(((U.T @ d) ** 2).sum(1), dim=0) / norm**2
+    return {key: {str(k): float(v[k - 1]) for k in ks} for key, v in
+            (("rho", rho_k), ("preservation_error", shift), ("triple_error", triple), ("delta_v_ratio", leak))}
+
+
+def test_factor_form_diagnostics_equal_the_dense_form(tiny_dirs, svd, calibration_file, tmp_path):
+    from oplora.diagnose import LazyWeights, adapter_factors, diagnose_adapter
+
+    base, ks = tiny_dirs["llama"], [4, 8, 16]
+    for (method, extra), name in zip(ALL, IDS):
+        _, _, adapter = trained_and_exported(base, method, extra, svd, calibration_file, tmp_path / name, steps=2)
+        report = diagnose_adapter(base, adapter, ks, svd)
+        factors, dense = adapter_factors(adapter), adapter_deltas(adapter)
+        weights = LazyWeights(base, sorted(factors))
+        assert set(report["modules"]) == set(dense)
+        for module, delta in dense.items():
+            reference = dense_report(weights[module], delta, ks, svd)
+            for key, by_k in reference.items():
+                for k, value in by_k.items():
+                    got = report["modules"][module][key][k]  # all four are dimensionless (÷ σ₁ or ‖ΔW‖)
+                    assert got == pytest.approx(value, rel=1e-10, abs=1e-14), (name, module, key, k)
