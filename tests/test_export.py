@@ -102,7 +102,7 @@ def test_factor_form_diagnostics_equal_the_dense_form(tiny_dirs, svd, calibratio
     from oplora.diagnose import LazyWeights, adapter_factors, diagnose_adapter
 
     base, ks = tiny_dirs["llama"], [4, 8, 16]
-    for (method, extra), name in zip(ALL, IDS):
+    for (method, extra), name in zip(ALL, IDS, strict=True):
         _, _, adapter = trained_and_exported(base, method, extra, svd, calibration_file, tmp_path / name, steps=2)
         report = diagnose_adapter(base, adapter, ks, svd)
         factors, dense = adapter_factors(adapter), adapter_deltas(adapter)
