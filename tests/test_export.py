@@ -60,6 +60,16 @@ def test_merged_model_equals_adapted_model(tiny_dirs, svd, calibration_file, tmp
     assert rel(logits(load(merged)), logits(model)) <= 1e-4
 
 
+def test_bf16_merge_rounds_the_float32_merge_once(tiny_dirs, svd, calibration_file, tmp_path):
+    _, _, adapter = trained_and_exported(tiny_dirs["llama"], "oplora", {"k": 8}, svd, calibration_file, tmp_path,
+                                         steps=2)
+    exact = load_file(merge(tiny_dirs["llama"], adapter, tmp_path / "f32", device="cpu") / "model.safetensors")
+    bf16 = load_file(merge(tiny_dirs["llama"], adapter, tmp_path / "bf16", torch.bfloat16, "cpu")
+                     / "model.safetensors")
+    assert bf16.keys() == exact.keys() and all(t.dtype == torch.bfloat16 for t in bf16.values())
+    assert all(torch.equal(bf16[key], exact[key].to(torch.bfloat16)) for key in exact)
+
+
 def test_oplora_bf16_export_is_exact_in_fp32(tiny_dirs, svd, calibration_file, tmp_path):
     original, _, adapter = trained_and_exported(tiny_dirs["llama"], "oplora", {"k": 8}, svd, calibration_file,
                                                 tmp_path, dtype=torch.bfloat16)
