@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.out / "scale-cpu"
     previous = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
     results = dict(previous)
-    measured = {"command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    measured = {"command": " ".join(["python", *sys.argv]), "date": now}
 
     def write() -> None:
         atomic_write_text(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
