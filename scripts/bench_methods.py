@@ -1,6 +1,7 @@
 """What OPLoRA costs next to LoRA: training step time, and top-k SVD time and accuracy.
 
     python scripts/bench_methods.py [--device cpu|cuda] [--preset cpu|7b] [--layers N] [--batch N] [--seq N]
+                                    [--repeats N] [--sections steps svd] [--svd-mode exact|refined]
                                     [--out results/bench]
 
 Section 1 builds a stack of Llama-shaped decoder blocks with random weights, times building the exact
@@ -421,7 +422,7 @@ def write_report(out: Path, report: dict, start: float) -> None:
     print(f"wrote {stem}.json and .md ({report['wall_s']:.0f} s so far)", flush=True)
 
 
-RESIZABLE = ("layers", "batch", "seq")
+RESIZABLE = ("layers", "batch", "seq", "repeats")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     for field in RESIZABLE:
-        parser.add_argument(f"--{field}", type=int, help=f"section-1 model {field} (default: the preset's)")
+        parser.add_argument(f"--{field}", type=int, help=f"section-1 {field} (default: the preset's)")
+    parser.add_argument("--sections", nargs="+", choices=["steps", "svd"], default=["steps", "svd"])
     parser.add_argument("--svd-mode", choices=MODES, default="exact", help="how section 1 builds its SVD cache")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)
@@ -440,13 +442,15 @@ def main(argv: list[str] | None = None) -> None:
     report = {"command": shlex.join(["python", *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(args.device), "preset_name": args.preset, "preset": asdict(preset)}
-    print("section 1: training step time", flush=True)
-    report["steps"] = step_section(preset, args.device, dtype, args.svd_mode)
-    print(report["steps"]["verdict"], flush=True)
-    write_report(args.out, report, start)
-    print("section 2: top-k SVD time and accuracy", flush=True)
-    report["svd"] = svd_section(preset, args.device)
-    write_report(args.out, report, start)
+    if "steps" in args.sections:
+        print("section 1: training step time", flush=True)
+        report["steps"] = step_section(preset, args.device, dtype, args.svd_mode)
+        print(report["steps"]["verdict"], flush=True)
+        write_report(args.out, report, start)
+    if "svd" in args.sections:
+        print("section 2: top-k SVD time and accuracy", flush=True)
+        report["svd"] = svd_section(preset, args.device)
+        write_report(args.out, report, start)
 
 
 if __name__ == "__main__":
