@@ -46,10 +46,12 @@ REFINE_MAX_ITERATIONS = 40
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto": the current CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    """"auto": this process's GPU when there is one (LOCAL_RANK under a distributed launcher), else the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 @contextmanager

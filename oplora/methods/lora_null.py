@@ -7,7 +7,6 @@ A, B are set from it as PiSSA does from W and the base becomes W − s·B A. v1 
 v2 freezes A.
 """
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +14,8 @@ import torch
 from oplora import calibration
 from oplora.calibration import CalibrationSettings
 from oplora.methods.base import ADAPTER, Method, absorb_svd_part, lora_layers, register
+from oplora.svd import resolve_device
 
-log = logging.getLogger(__name__)
 VERSIONS = ("v1", "v2")
 
 
@@ -25,13 +24,6 @@ def null_space_part(W: torch.Tensor, null: torch.Tensor):
     null = null.double().to(W.device)
     P, S, Qh = torch.linalg.svd(W.double() @ null, full_matrices=False)
     return P, S, null @ Qh.T
-
-
-def calibration_device(model: torch.nn.Module) -> torch.device:
-    """Where calibration runs: the current GPU when there is one (the training device), else the model's device."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return next(model.parameters()).device
 
 
 @dataclass(frozen=True)
@@ -67,7 +59,7 @@ class LoRANull(Method):
         options = self.options(settings)
         layers = dict(lora_layers(model))
         home = next(model.parameters()).device
-        model.to(calibration_device(model))
+        model.to(resolve_device())  # the GPU when there is one: the training device
         try:
             nulls = calibration.null_spaces(model, {n: layer.base_layer for n, layer in layers.items()}, tokenizer,
                                             options.calibration, settings.r, svd.dir.parent)
