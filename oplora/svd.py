@@ -253,7 +253,7 @@ class SVDCache:
                 bottom = min(rank, max(bottom, self.min_rank))
                 top = top or min(rank, self.min_rank)
             elif self.mode == "refined":
-                U, S, V = refined_top(W.detach(), top, oversample, self.niter)
+                U, S, V = refined_top(W64, top, oversample, self.niter)  # one float64 copy of W
             else:
                 with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
                     torch.manual_seed(0)  # the same matrix always gets the same triples
