@@ -57,7 +57,7 @@ class Sizes:
         self.svd_k = 16 if smoke else 128
         self.model = "tiny-llama" if smoke else "smollm2-135m"
         self.methods = ("lora", "oplora16") if smoke else METHODS
-        self.steps = 1 if smoke else 10
+        self.steps = 3 if smoke else 10  # the first step's learning rate is 0 (warm-up)
         self.deepspeed = "none" if smoke else "zero2"
         self.new_tokens = 4 if smoke else 32
 
@@ -132,6 +132,7 @@ def part_training(sizes: Sizes, device: str, work: Path) -> dict:
             report = diagnose_adapter(base, output / "adapter", [k], SVDCache(work / "cache", device=device))
             cells[method].update({key: report["aggregate"][f"{key}_max"][str(k)]
                                   for key in ("rho", "preservation_error", "triple_error")})
+            cells[method]["delta_norm_max"] = max(m["delta_norm"] for m in report["modules"].values())
     return {"model": sizes.model, "steps": sizes.steps, "deepspeed": sizes.deepspeed, "cells": cells,
             "adapter": str(work / "runs" / sizes.methods[-1] / "adapter"), "base": str(base)}
 
@@ -201,9 +202,11 @@ def markdown(report: dict) -> str:
     if "training" in report:
         t = report["training"]
         lines += [f"## 3. Training ({t['model']}, {t['steps']} steps, deepspeed={t['deepspeed']})", "",
-                  "| method | train s | ρ_k max | preservation max | triple max |", "|---|---:|---:|---:|---:|"]
+                  "| method | train s | ρ_k max | preservation max | triple max | max ‖ΔW‖_F |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for method, c in t["cells"].items():
-            extra = [f"{c[key]:.1e}" if key in c else "—" for key in ("rho", "preservation_error", "triple_error")]
+            extra = [f"{c[key]:.1e}" if key in c else "—"
+                     for key in ("rho", "preservation_error", "triple_error", "delta_norm_max")]
             lines.append(f"| {method} | {c['train_s']:.0f} | " + " | ".join(extra) + " |")
         lines.append("")
     if "merge" in report:

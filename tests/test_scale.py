@@ -30,6 +30,6 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert set(report["steps"]["variants"]) == {"lora", "oplora-16", "oplora-128", "per-token-128"}
     assert report["svd"]["max_residual"] <= 1e-6 and all(x["rho"] <= 1e-10 for x in report["svd"]["leakage"])
     oplora = report["training"]["cells"]["oplora16"]
-    assert oplora["rho"] <= 1e-10 and oplora["preservation_error"] <= 1e-6
+    assert oplora["delta_norm_max"] > 0 and oplora["rho"] <= 1e-10 and oplora["preservation_error"] <= 1e-6
     assert report["merge"]["next_token_agreement"] >= 0.9
     assert "## 4. Merged vs unmerged (bf16)" in (tmp_path / "gpu-check-smoke.md").read_text()
