@@ -56,7 +56,7 @@ class Sizes:
         self.svd_shapes = {(192, 128): 2, (128, 192): 2} if smoke else SEVEN_B_SHAPES
         self.svd_k = 16 if smoke else 128
         self.model = "tiny-llama" if smoke else "smollm2-135m"
-        self.methods = ("lora", "oplora16") if smoke else METHODS
+        self.methods = ("oplora16",) if smoke else METHODS
         self.steps = 3 if smoke else 10  # the first step's learning rate is 0 (warm-up)
         self.deepspeed = "none" if smoke else "zero2"
         self.new_tokens = 4 if smoke else 32

@@ -113,6 +113,8 @@ def test_factor_form_diagnostics_equal_the_dense_form(tiny_dirs, svd, calibratio
 
     base, ks = tiny_dirs["llama"], [4, 8, 16]
     for (method, extra), name in zip(ALL, IDS, strict=True):
+        if name in ("lora_null_v2", "oplora16"):  # the same exported form as lora_null_v1, oplora8
+            continue
         _, _, adapter = trained_and_exported(base, method, extra, svd, calibration_file, tmp_path / name, steps=2)
         report = diagnose_adapter(base, adapter, ks, svd)
         factors, dense = adapter_factors(adapter), adapter_deltas(adapter)
