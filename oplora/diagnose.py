@@ -9,7 +9,9 @@ W_res + s·B A − W for base-mutating methods) and top singular triples (u_i, �
                      a singular triple of W+ΔW)
 - delta_v_ratio[k] = ‖ΔW V_k‖_F / ‖ΔW‖_F
 
-Everything is computed in float64; the report also aggregates each quantity over modules.
+Everything is computed in float64 from the adapter's rank-r factors (`factor_quantities`: U_kᵀB, A V_k and
+r×r Gram matrices, never the m×n ΔW), one base weight read from safetensors at a time (`LazyWeights`); the
+report also aggregates each quantity over modules.
 
 The measurement does not trust the training's SVD cache: W is read from the base model's own files, and every
 triple taken from the cache is verified against that W on read (checksums, residuals, orthonormality, no missing
