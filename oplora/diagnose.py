@@ -9,7 +9,9 @@ W_res + s·B A − W for base-mutating methods) and top singular triples (u_i, �
                      a singular triple of W+ΔW)
 - delta_v_ratio[k] = ‖ΔW V_k‖_F / ‖ΔW‖_F
 
-Everything is computed in float64; the report also aggregates each quantity over modules.
+Everything is computed in float64 from the adapter's rank-r factors (`factor_quantities`: U_kᵀB, A V_k and
+r×r Gram matrices, never the m×n ΔW), one base weight read from safetensors at a time (`LazyWeights`); the
+report also aggregates each quantity over modules.
 
 The measurement does not trust the training's SVD cache: W is read from the base model's own files, and every
 triple taken from the cache is verified against that W on read (checksums, residuals, orthonormality, no missing
@@ -23,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,42 +36,77 @@ from tqdm.auto import tqdm
 
 from oplora.io import atomic_write_text
 from oplora.methods.base import ADAPTER, PEFT_PREFIX, lora_layers
-from oplora.svd import SVDCache
+from oplora.svd import MODES, SVDCache
+
+
+class Factors(NamedTuple):
+    """ΔW = scaling · B A without forming it: B m×r, A r×n (a dense ΔW is Factors(ΔW, I, 1))."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scaling: float = 1.0
+
+    @classmethod
+    def dense(cls, delta: torch.Tensor) -> "Factors":
+        return cls(delta, torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device))
 
 
 def rho(delta: torch.Tensor, U: torch.Tensor, ks: list[int]) -> dict[int, float]:
+    """ρ_k of a dense ΔW (benchmarks, and the reference the factor form is tested against)."""
     d = delta.double()
     energy = torch.cumsum(((U.double().T @ d) ** 2).sum(dim=1), dim=0)  # ‖U_jᵀΔW‖² for j = 1..K
     total = (d**2).sum()
     return {k: float(energy[k - 1] / total) if total > 0 else 0.0 for k in ks}
 
 
-def diagnose_matrix(W: torch.Tensor, delta: torch.Tensor, ks: list[int], svd: SVDCache, name: str = "") -> dict:
+def factor_quantities(delta: Factors, U: torch.Tensor, V: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Everything the diagnostics need, in float64 from the rank-r factors (O((m+n)·r·K + (m+n)·r²)).
+
+    X = U_Kᵀ B, Y = A V_K, G = A Aᵀ, H = BᵀB:  ‖u_iᵀ ΔW‖² = ‖ΔWᵀ u_i‖² = s²·(X G Xᵀ)_ii,
+    ‖ΔW‖²_F = s²·tr(H G), ΔW V_K = s·B Y, u_iᵀ ΔW v_i = s·(X Y)_ii.
+    """
+    B, A = delta.B.double().to(U.device), delta.A.double().to(U.device)
+    s = float(delta.scaling)
+    X, G = U.T @ B, A @ A.T
+    row_energy = s**2 * ((X @ G) * X).sum(1)  # ‖u_iᵀΔW‖², i = 1..K
+    total = s**2 * ((B.T @ B) * G).sum()
+    energy = torch.cumsum(row_energy, dim=0)
+    Y = A @ V
+    return {"total": total, "row_energy": row_energy, "rho": energy / total if total > 0 else torch.zeros_like(energy),
+            "dV_norm": s * (B @ Y).norm(dim=0),  # ‖ΔW v_i‖
+            "shift": s * (X * Y.T).sum(1)}  # u_iᵀ ΔW v_i
+
+
+def diagnose_matrix(W: torch.Tensor, delta: Factors | torch.Tensor, ks: list[int], svd: SVDCache,
+                    name: str = "") -> dict:
     ks = [k for k in ks if k < min(W.shape)]
     if not ks:
         return {"shape": list(W.shape), "note": f"every requested k is >= min{tuple(W.shape)}"}
+    delta = delta if isinstance(delta, Factors) else Factors.dense(delta)
     U, S, V, _ = svd.top(W, max(ks), name)
-    U, V, d = U.double(), V.double(), delta.double().to(U.device)
-    sigma_1, norm = float(S[0]), float(torch.linalg.matrix_norm(d))
-    dV, dTU = d @ V, d.T @ U
-    shift = torch.cummax((U * dV).sum(0).abs(), dim=0).values / sigma_1  # max over i ≤ j, for every j
-    triple = torch.cummax(torch.maximum(dV.norm(dim=0), dTU.norm(dim=0)), dim=0).values / sigma_1
-    leak = torch.cumsum((dV**2).sum(0), dim=0).sqrt() / norm if norm > 0 else torch.zeros_like(shift)
+    q = factor_quantities(delta, U.double(), V.double())
+    sigma_1, norm = float(S[0]), float(q["total"].sqrt())
+    shift = torch.cummax(q["shift"].abs(), dim=0).values / sigma_1  # max over i ≤ j, for every j
+    triple = torch.cummax(torch.maximum(q["dV_norm"], q["row_energy"].sqrt()), dim=0).values / sigma_1
+    leak = torch.cumsum(q["dV_norm"] ** 2, dim=0).sqrt() / norm if norm > 0 else torch.zeros_like(shift)
     per_k = lambda values: {str(k): float(values[k - 1]) for k in ks}  # noqa: E731
     return {
         "shape": list(W.shape),
         "sigma_1": sigma_1,
         "delta_norm": norm,
-        "rho": {str(k): v for k, v in rho(d, U, ks).items()},
+        "rho": per_k(q["rho"]),
         "preservation_error": per_k(shift),
         "triple_error": per_k(triple),
         "delta_v_ratio": per_k(leak),
     }
 
 
-def diagnose(original: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], ks: list[int],
+def diagnose(original: Mapping[str, torch.Tensor], deltas: Mapping[str, Factors | torch.Tensor], ks: list[int],
              svd: SVDCache | None = None) -> dict:
-    """Per-module diagnostics and their aggregate over modules (mean and max of each, per k)."""
+    """Per-module diagnostics and their aggregate over modules (mean and max of each, per k).
+
+    One matrix at a time: `original` may be a `LazyWeights`, and `deltas` factors (`adapter_factors`).
+    """
     svd = svd or SVDCache.default()
     modules = {name: diagnose_matrix(original[name], deltas[name], ks, svd, name)
                for name in tqdm(sorted(deltas), desc="diagnose", unit="matrix")}
@@ -81,13 +120,20 @@ def diagnose(original: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
     return {"ks": ks, "aggregate": aggregate, "modules": modules}
 
 
+def diagnose_adapter(base: str | Path, adapter: str | Path, ks: list[int], svd: SVDCache,
+                     dtype: torch.dtype | None = None) -> dict:
+    """`diagnose` of a saved adapter against the base's own files, one matrix in memory at a time."""
+    factors = adapter_factors(adapter)
+    return diagnose(LazyWeights(base, sorted(factors), dtype), factors, sorted(set(ks)), svd)
+
+
 def unreadable(path: Path, err: Exception) -> ValueError:
     return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is truncated or corrupt; "
                       "re-download, re-convert or re-export it")
 
 
-def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
-    """ΔW = s·B A (float64) of every module of a saved plain PEFT LoRA adapter."""
+def adapter_factors(adapter: str | Path) -> dict[str, Factors]:
+    """ΔW = s·B A of every module of a saved plain PEFT LoRA adapter, as factors (never the m×n product)."""
     adapter = Path(adapter)
     try:
         config = json.loads((adapter / "adapter_config.json").read_text())
@@ -102,16 +148,20 @@ def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
         tensors = load_file(adapter / "adapter_model.safetensors")
     except SafetensorError as err:
         raise unreadable(adapter / "adapter_model.safetensors", err) from err
-    deltas = {}
+    factors = {}
     for key, A in tensors.items():
         if ".lora_A." in key:
             module = key.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
             B = tensors[key.replace(".lora_A.", ".lora_B.")]
-            delta = scaling * (B.double() @ A.double())
-            deltas[module] = delta.T if config.get("fan_in_fan_out") else delta
-    if not deltas:
+            factors[module] = Factors(A.T, B.T, scaling) if config.get("fan_in_fan_out") else Factors(B, A, scaling)
+    if not factors:
         raise ValueError(f"{adapter}: adapter_model.safetensors holds no LoRA weights")
-    return deltas
+    return factors
+
+
+def adapter_deltas(adapter: str | Path) -> dict[str, torch.Tensor]:
+    """ΔW = s·B A (float64, dense) of every module of a saved plain PEFT LoRA adapter."""
+    return {name: f.scaling * (f.B.double() @ f.A.double()) for name, f in adapter_factors(adapter).items()}
 
 
 def model_deltas(model, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,24 +182,53 @@ def weights_dir(base: str | Path) -> Path:
     return path
 
 
-def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), read from safetensors."""
+def weight_files(base: str | Path) -> dict[str, Path]:
+    """`NAME.weight` → the safetensors file holding it, for a model directory or a cached hub snapshot."""
     path = weights_dir(base)
-    wanted, found = {f"{n}.weight": n for n in names}, {}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no *.safetensors weights")
+    index = {}
     for file in files:
         try:
             with safe_open(file, "pt") as f:
-                for key in set(f.keys()) & wanted.keys():
-                    found[wanted[key]] = f.get_tensor(key)
+                index.update(dict.fromkeys(f.keys(), file))
         except SafetensorError as err:
             raise unreadable(file, err) from err
-    missing = sorted(set(names) - found.keys())
-    if missing:
-        raise KeyError(f"{path}: no weights for adapted modules {missing[:3]}{'…' if len(missing) > 3 else ''}")
-    return found
+    return index
+
+
+class LazyWeights(Mapping):
+    """The base weights `NAME.weight` of the named modules, each read from safetensors when asked for."""
+
+    def __init__(self, base: str | Path, names: list[str], dtype: torch.dtype | None = None):
+        index = weight_files(base)
+        missing = sorted(n for n in names if f"{n}.weight" not in index)
+        if missing:
+            raise KeyError(f"{weights_dir(base)}: no weights for adapted modules "
+                           f"{missing[:3]}{'…' if len(missing) > 3 else ''}")
+        self.files = {n: index[f"{n}.weight"] for n in names}
+        self.dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        try:
+            with safe_open(file, "pt") as f:
+                W = f.get_tensor(f"{name}.weight")
+        except SafetensorError as err:
+            raise unreadable(file, err) from err
+        return W if self.dtype is None else W.to(self.dtype)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), all read into memory."""
+    return dict(LazyWeights(base, names))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,12 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("adapter", help="plain PEFT LoRA adapter directory")
     parser.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--out", help="write the JSON report here instead of stdout")
-    parser.add_argument("--svd-mode", default="exact", choices=["exact", "randomized"])
+    parser.add_argument("--svd-mode", default="exact", choices=MODES)
+    parser.add_argument("--device", default="auto", help="where the SVD and its verification run (auto: CUDA if any)")
     parser.add_argument("--cache", help="SVD cache root (default: $OPLORA_CACHE or ~/.cache/oplora)")
     args = parser.parse_args(argv)
-    deltas = adapter_deltas(args.adapter)
-    original = base_weights(args.base, list(deltas))
-    report = diagnose(original, deltas, sorted(set(args.k)), SVDCache(args.cache, mode=args.svd_mode))
+    report = diagnose_adapter(args.base, args.adapter, args.k, SVDCache(args.cache, args.svd_mode, device=args.device))
     report.update(base=str(args.base), adapter=str(args.adapter))
     text = json.dumps(report, indent=2)
     if args.out:

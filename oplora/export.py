@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.io import atomic_dir
 from oplora.methods import get_method
+from oplora.svd import resolve_device
 
 
 def save_initial(model: PeftModel, directory: str | Path) -> Path:
@@ -39,9 +40,17 @@ def export_adapter(model: PeftModel, method: str, directory: str | Path, initial
     return directory
 
 
-def merge(base: str | Path, adapter: str | Path, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Base + exported adapter merged in float32 and saved as a full model directory (for generation)."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+def merge(base: str | Path, adapter: str | Path, directory: str | Path, dtype: torch.dtype = torch.float32,
+          device: str | torch.device = "auto") -> Path:
+    """Base + exported adapter merged and saved as a full model directory in `dtype` (for generation).
+
+    On a GPU ("auto": when there is one) the base is loaded straight onto it in `dtype` and W + ΔW is rounded
+    once (bf16 at 7B: 13.5 GB of GPU memory, no host copy of the model); on the CPU it merges in float32 and
+    casts at the end.
+    """
+    device = resolve_device(device)
+    load_dtype = dtype if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype, device_map={"": str(device)})
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().to(dtype)
     with atomic_dir(directory) as tmp:
         merged.save_pretrained(tmp)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from oplora.config import CONFIG_DIR, trains
-from oplora.diagnose import adapter_deltas, base_weights, diagnose, weights_dir
+from oplora.diagnose import base_weights, diagnose_adapter, weights_dir
 from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
@@ -96,10 +96,8 @@ def diagnose_step(cfg: DictConfig) -> bool:
                         "ks": list(cfg.pipeline.rho_ks)})
     if (read_json(run.diagnose) or {}).get("hash") == key:
         return False
-    deltas = adapter_deltas(run.adapter)
-    dtype = getattr(torch, compute_dtype(cfg.model))
-    original = {name: W.to(dtype) for name, W in base_weights(base, sorted(deltas)).items()}
-    result = diagnose(original, deltas, list(cfg.pipeline.rho_ks), SVDCache(cfg.cache_dir or cache_root()))
+    result = diagnose_adapter(base, run.adapter, list(cfg.pipeline.rho_ks), SVDCache(cfg.cache_dir or cache_root()),
+                              getattr(torch, compute_dtype(cfg.model)))
     atomic_write_text(run.diagnose, json.dumps({"hash": key, "adapter_sha256": record["adapter_sha256"], **result},
                                                indent=2))
     return True

@@ -4,7 +4,12 @@ An entry is keyed by the matrix's content (shape, dtype and bytes), so every met
 projection rank that needs the same matrix reads the same file: PiSSA and both OPLoRA ranks share
 the top triples, MiLoRA the bottom ones. Exact mode runs one full SVD in float64 and keeps both
 ends; randomized mode (`torch.svd_lowrank`, by default 2×top columns and 6 power iterations)
-keeps the top and records its residual. Files are
+keeps the top and records its residual; refined mode (`refined_top`) starts the same way in float32
+and then iterates the subspace in float64 with a Rayleigh–Ritz step until the top triples' residual
+reaches `REFINE_TARGET` (exact to float64 round-off for the top end, at a fraction of a full SVD's
+cost; bottom triples always come from the exact SVD). The work runs on `device` ("auto": CUDA when
+present, else the CPU with every core). `build` fills the cache for one shard of a model's matrices
+(split by layer), so that a SLURM array can share the work. Files are
 safetensors, written atomically under a per-entry lock so that concurrent builders agree.
 
 Every read is verified, so that a damaged or wrong entry can never reach training or diagnostics: the xxh3-128
@@ -18,7 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +40,92 @@ from safetensors.torch import load_file, save_file
 from oplora.io import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
-MODES = ("exact", "randomized")
+MODES = ("exact", "randomized", "refined")
+REFINE_TARGET = 1e-12  # refined mode iterates in float64 until max_i ‖W v_i − σ_i u_i‖/σ_1 is below this
+REFINE_MAX_ITERATIONS = 40
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto": this process's GPU when there is one (LOCAL_RANK under a distributed launcher), else the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+
+
+@contextmanager
+def all_cores(device: torch.device):
+    """On the CPU, let torch use every core for the duration (an SVD is the only work then)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def refined_top(W: torch.Tensor, top: int, oversample: int, niter: int, seed: int = 0):
+    """Top-`top` triples (U, S, V, float64) of W: randomized subspace iteration, then float64 Rayleigh–Ritz.
+
+    A float32 start (`niter` power iterations on top + oversample columns, re-orthonormalised each time) finds
+    the subspace cheaply; float64 subspace iterations then refine it, each followed by the Rayleigh–Ritz step
+    (the SVD of the small QᵀW), until max_i max(‖W v_i − σ_i u_i‖, ‖Wᵀu_i − σ_i v_i‖)/σ_1 ≤ REFINE_TARGET.
+    Each float64 iteration costs 4·m·n·q flops, q = top + oversample.
+    """
+    m, n = W.shape
+    q = min(min(m, n), top + oversample)
+    g = torch.Generator(W.device).manual_seed(seed)  # the same matrix always gets the same triples
+    W32 = W.float()
+    Q = torch.linalg.qr(W32 @ torch.randn(n, q, device=W.device, generator=g)).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(W32 @ torch.linalg.qr(W32.T @ Q).Q).Q
+    del W32
+    W64 = W.double()
+    Q = Q.double()
+    for _ in range(REFINE_MAX_ITERATIONS):
+        Q = torch.linalg.qr(W64 @ torch.linalg.qr(W64.T @ Q).Q).Q
+        Ub, S, Vh = torch.linalg.svd(Q.T @ W64, full_matrices=False)  # Rayleigh–Ritz on span(Q)
+        U, S, V = Q @ Ub[:, :top], S[:top], Vh[:top].T
+        if triple_residual(W64, U, S, V) <= REFINE_TARGET:
+            break
+    return U, S, V
+
+
+def layer_of(name: str) -> int:
+    """The decoder layer index in a module name (`model.layers.12.mlp.up_proj` → 12); -1 when there is none."""
+    found = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(found.group(1)) if found else -1
+
+
+def shard_names(names: Iterable[str], shard: int = 0, shards: int = 1) -> list[str]:
+    """The matrices of shard `shard` of `shards`: whole layers, layer i going to shard i mod shards."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    return [name for name in sorted(names) if layer_of(name) % shards == shard]
+
+
+def build(svd: "SVDCache", names: Iterable[str], load: Callable[[str], torch.Tensor], top: int, bottom: int = 0,
+          shard: int = 0, shards: int = 1) -> int:
+    """Fill the cache with `top` (and `bottom`) triples of every matrix of one shard; the number computed.
+
+    `load(name)` returns a matrix when it is needed, so only one is held at a time. SLURM array task i of n:
+    `build(svd, names, load, top, bottom, shard=i, shards=n)`; any task count gives the same cache.
+    """
+    from tqdm.auto import tqdm
+
+    computed = 0
+    for name in tqdm(shard_names(names, shard, shards), desc=f"SVD cache {shard + 1}/{shards}", unit="matrix"):
+        W = load(name)
+        k = min(top, min(W.shape))
+        if not svd.has(W, k, bottom):
+            svd.top(W, k, name)
+            svd.bottom(W, bottom, name) if bottom else None
+            computed += 1
+    return computed
 
 
 class Triples(NamedTuple):
@@ -94,27 +188,32 @@ class SVDCache:
     """Top/bottom singular triples of weight matrices, cached under `root/svd/`."""
 
     def __init__(self, root: str | Path | None = None, mode: str = "exact", min_rank: int = 128,
-                 oversample: int | None = None, niter: int = 6):
+                 oversample: int | None = None, niter: int = 6, device: str | torch.device = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown SVD mode {mode!r}; valid modes: {', '.join(MODES)}")
         self.dir = Path(root or cache_root()) / "svd"
         self.mode, self.min_rank, self.oversample, self.niter = mode, min_rank, oversample, niter
+        self.device = resolve_device(device)
 
     @classmethod
     def default(cls) -> "SVDCache":
         return cls()
 
     def top(self, W: torch.Tensor, k: int, name: str = "") -> Triples:
-        entry = self._entry(W, top=k, bottom=0, name=name)
-        return Triples(entry["U_top"][:, :k], entry["S_top"][:k], entry["V_top"][:, :k], entry["residual"])
+        """The k largest singular triples of W, on W's device (computed and verified on the cache's device)."""
+        entry = self._entry(W.to(self.device), top=k, bottom=0, name=name)
+        U, S, V = (entry[f"{x}_top"].to(W.device) for x in "USV")
+        return Triples(U[:, :k], S[:k], V[:, :k], entry["residual"])
 
     def bottom(self, W: torch.Tensor, r: int, name: str = "") -> Triples:
         """The r smallest singular triples, ordered largest first (as MiLoRA uses them)."""
-        entry = self._entry(W, top=0, bottom=r, name=name)
-        return Triples(entry["U_bot"][:, -r:], entry["S_bot"][-r:], entry["V_bot"][:, -r:], 0.0)
+        entry = self._entry(W.to(self.device), top=0, bottom=r, name=name)
+        U, S, V = (entry[f"{x}_bot"].to(W.device) for x in "USV")
+        return Triples(U[:, -r:], S[-r:], V[:, -r:], 0.0)
 
     def has(self, W: torch.Tensor, top: int, bottom: int = 0) -> bool:
         """Whether the cache already holds `top` largest and `bottom` smallest triples of W (verified)."""
+        W = W.to(self.device)
         return self._covers(self._load(self._path(W), W), top, bottom)
 
     # -- internals ---------------------------------------------------------------------------
@@ -146,20 +245,25 @@ class SVDCache:
         top = min(rank, max(top, self.min_rank)) if top else 0
         start = time.perf_counter()
         W64 = W.detach().double()
-        if self.mode == "exact" or bottom:
-            U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
-            V = Vh.T
-            bottom = min(rank, max(bottom, self.min_rank))
-            top = top or min(rank, self.min_rank)
-        else:
-            q = min(rank, top + (top if self.oversample is None else self.oversample))
-            with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
-                torch.manual_seed(0)  # the same matrix always gets the same triples
-                U, S, V = torch.svd_lowrank(W64, q=q, niter=self.niter)
-        seconds = time.perf_counter() - start
-        residual = triple_residual(W64, U[:, :top], S[:top], V[:, :top])
-        if self.mode == "randomized":
-            log.info("randomized SVD of %s: top-%d residual %.2e (%.2fs)", name, top, residual, seconds)
+        oversample = top if self.oversample is None else self.oversample
+        with all_cores(W.device):
+            if self.mode == "exact" or bottom:
+                U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
+                V = Vh.T
+                bottom = min(rank, max(bottom, self.min_rank))
+                top = top or min(rank, self.min_rank)
+            elif self.mode == "refined":
+                U, S, V = refined_top(W64, top, oversample, self.niter)  # one float64 copy of W
+            else:
+                with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
+                    torch.manual_seed(0)  # the same matrix always gets the same triples
+                    U, S, V = torch.svd_lowrank(W64, q=min(rank, top + oversample), niter=self.niter)
+            if W.is_cuda:
+                torch.cuda.synchronize(W.device)
+            seconds = time.perf_counter() - start
+            residual = triple_residual(W64, U[:, :top], S[:top], V[:, :top])
+        if self.mode != "exact":
+            log.info("%s SVD of %s: top-%d residual %.2e (%.2fs)", self.mode, name, top, residual, seconds)
         f32 = lambda t: t.float().contiguous()  # noqa: E731
         entry = {"U_top": f32(U[:, :top]), "S_top": f32(S[:top]), "V_top": f32(V[:, :top]),
                  "top": top, "bottom": bottom,

@@ -1,6 +1,7 @@
 """What OPLoRA costs next to LoRA: training step time, and top-k SVD time and accuracy.
 
     python scripts/bench_methods.py [--device cpu|cuda] [--preset cpu|7b] [--layers N] [--batch N] [--seq N]
+                                    [--repeats N] [--sections steps svd] [--svd-mode exact|refined]
                                     [--out results/bench]
 
 Section 1 builds a stack of Llama-shaped decoder blocks with random weights, times building the exact
@@ -45,7 +46,7 @@ from oplora.methods import AdapterSettings, build
 from oplora.methods.base import ADAPTER, PAPER_TARGETS, lora_layers
 from oplora.methods.oplora import Orthogonalize, per_token_delta
 from oplora.models import smollm2_dir
-from oplora.svd import SVDCache, triple_residual
+from oplora.svd import MODES, SVDCache, triple_residual
 
 R, ALPHA, DROPOUT, LR = 32, 32, 0.05, 1e-4
 CACHE_K = 128  # the SVD cache is built for the largest projection rank the paper uses
@@ -144,7 +145,7 @@ def build_svd_cache(model: torch.nn.Module, svd: SVDCache, device: str) -> dict:
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PAPER_TARGETS]
     by_shape: dict[str, list[float]] = {}
-    for name, module in tqdm(targets, desc=f"SVD cache (exact, k={CACHE_K})", unit="matrix"):
+    for name, module in tqdm(targets, desc=f"SVD cache ({svd.mode}, k={CACHE_K})", unit="matrix"):
         seconds, _ = timed(device, svd.top, module.weight, CACHE_K, name)
         by_shape.setdefault("×".join(map(str, module.weight.shape)), []).append(seconds)
     return {
@@ -240,12 +241,12 @@ def step_verdict(variants: dict) -> str:
             f"{variants[PER_TOKEN.name]['ratio_to_lora']:.3f}× (paper measured {PAPER_RATIO}×)")
 
 
-def step_section(preset: Preset, device: str, dtype: torch.dtype) -> dict:
+def step_section(preset: Preset, device: str, dtype: torch.dtype, svd_mode: str = "exact") -> dict:
     base = base_model(preset, device, dtype)
     batch = torch.randint(preset.vocab, (preset.batch, preset.seq), generator=torch.Generator().manual_seed(0))
     batch = batch.to(device)
     with tempfile.TemporaryDirectory() as tmp:
-        svd = SVDCache(tmp)
+        svd = SVDCache(tmp, mode=svd_mode, device=device)
         cache = build_svd_cache(base, svd, device)
         models = {v.name: make_variant(base, v, svd) for v in tqdm(VARIANTS, desc="build variants")}
         del base
@@ -421,7 +422,7 @@ def write_report(out: Path, report: dict, start: float) -> None:
     print(f"wrote {stem}.json and .md ({report['wall_s']:.0f} s so far)", flush=True)
 
 
-RESIZABLE = ("layers", "batch", "seq")
+RESIZABLE = ("layers", "batch", "seq", "repeats")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -429,7 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     for field in RESIZABLE:
-        parser.add_argument(f"--{field}", type=int, help=f"section-1 model {field} (default: the preset's)")
+        parser.add_argument(f"--{field}", type=int, help=f"section-1 {field} (default: the preset's)")
+    parser.add_argument("--sections", nargs="+", choices=["steps", "svd"], default=["steps", "svd"])
+    parser.add_argument("--svd-mode", choices=MODES, default="exact", help="how section 1 builds its SVD cache")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)
     resized = {field: getattr(args, field) for field in RESIZABLE if getattr(args, field)}
@@ -439,13 +442,15 @@ def main(argv: list[str] | None = None) -> None:
     report = {"command": shlex.join(["python", *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(args.device), "preset_name": args.preset, "preset": asdict(preset)}
-    print("section 1: training step time", flush=True)
-    report["steps"] = step_section(preset, args.device, dtype)
-    print(report["steps"]["verdict"], flush=True)
-    write_report(args.out, report, start)
-    print("section 2: top-k SVD time and accuracy", flush=True)
-    report["svd"] = svd_section(preset, args.device)
-    write_report(args.out, report, start)
+    if "steps" in args.sections:
+        print("section 1: training step time", flush=True)
+        report["steps"] = step_section(preset, args.device, dtype, args.svd_mode)
+        print(report["steps"]["verdict"], flush=True)
+        write_report(args.out, report, start)
+    if "svd" in args.sections:
+        print("section 2: top-k SVD time and accuracy", flush=True)
+        report["svd"] = svd_section(preset, args.device)
+        write_report(args.out, report, start)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from oplora.methods import get_method
 from test_methods import ALL, IDS
 
 
-def trained_and_exported(directory, method, extra, svd, calibration_file, tmp_path, dtype=torch.float32):
+def trained_and_exported(directory, method, extra, svd, calibration_file, tmp_path, dtype=torch.float32, steps=8):
     s = settings(method, calibration_file, **extra)
     original, model = adapt(directory, s, svd, dtype=dtype)
     initial = save_initial(model, tmp_path / "initial_adapter") if get_method(method).mutates_base else None
-    train(model, steps=8, lr=1e-3)
+    train(model, steps=steps, lr=1e-3)
     return original, model, export_adapter(model, method, tmp_path / "adapter", initial)
 
 
@@ -60,6 +60,16 @@ def test_merged_model_equals_adapted_model(tiny_dirs, svd, calibration_file, tmp
     assert rel(logits(load(merged)), logits(model)) <= 1e-4
 
 
+def test_bf16_merge_rounds_the_float32_merge_once(tiny_dirs, svd, calibration_file, tmp_path):
+    _, _, adapter = trained_and_exported(tiny_dirs["llama"], "oplora", {"k": 8}, svd, calibration_file, tmp_path,
+                                         steps=2)
+    exact = load_file(merge(tiny_dirs["llama"], adapter, tmp_path / "f32", device="cpu") / "model.safetensors")
+    bf16 = load_file(merge(tiny_dirs["llama"], adapter, tmp_path / "bf16", torch.bfloat16, "cpu")
+                     / "model.safetensors")
+    assert bf16.keys() == exact.keys() and all(t.dtype == torch.bfloat16 for t in bf16.values())
+    assert all(torch.equal(bf16[key], exact[key].to(torch.bfloat16)) for key in exact)
+
+
 def test_oplora_bf16_export_is_exact_in_fp32(tiny_dirs, svd, calibration_file, tmp_path):
     original, _, adapter = trained_and_exported(tiny_dirs["llama"], "oplora", {"k": 8}, svd, calibration_file,
                                                 tmp_path, dtype=torch.bfloat16)
@@ -83,3 +93,36 @@ def test_diagnose_cli_separates_lora_from_oplora(tiny_dirs, svd, calibration_fil
     assert reports["oplora"]["aggregate"]["rho_max"]["8"] <= 1e-10
     assert set(reports["oplora"]["modules"]) == set(reports["lora"]["modules"])
     assert len(reports["lora"]["modules"]) == 2 * 5  # 2 layers × 5 target modules
+
+
+def dense_report(W, delta, ks, svd):
+    """The diagnostics from the dense ΔW (m×n, float64): the reference the factor form must equal."""
+    U, S, V, _ = svd.top(W, max(ks))
+    U, V, d = U.double(), V.double(), delta.double()
+    dV, dTU, norm, sigma_1 = d @ V, d.T @ U, torch.linalg.matrix_norm(d), float(S[0])
+    shift = torch.cummax((U * dV).sum(0).abs(), dim=0).values / sigma_1
+    triple = torch.cummax(torch.maximum(dV.norm(dim=0), dTU.norm(dim=0)), dim=0).values / sigma_1
+    leak = torch.cumsum((dV**2).sum(0), dim=0).sqrt() / norm
+    rho_k = torch.cumsum(((U.T @ d) ** 2).sum(1), dim=0) / norm**2
+    return {key: {str(k): float(v[k - 1]) for k in ks} for key, v in
+            (("rho", rho_k), ("preservation_error", shift), ("triple_error", triple), ("delta_v_ratio", leak))}
+
+
+def test_factor_form_diagnostics_equal_the_dense_form(tiny_dirs, svd, calibration_file, tmp_path):
+    from oplora.diagnose import LazyWeights, adapter_factors, diagnose_adapter
+
+    base, ks = tiny_dirs["llama"], [4, 8, 16]
+    for (method, extra), name in zip(ALL, IDS, strict=True):
+        if name in ("lora_null_v2", "oplora16"):  # the same exported form as lora_null_v1, oplora8
+            continue
+        _, _, adapter = trained_and_exported(base, method, extra, svd, calibration_file, tmp_path / name, steps=2)
+        report = diagnose_adapter(base, adapter, ks, svd)
+        factors, dense = adapter_factors(adapter), adapter_deltas(adapter)
+        weights = LazyWeights(base, sorted(factors))
+        assert set(report["modules"]) == set(dense)
+        for module, delta in dense.items():
+            reference = dense_report(weights[module], delta, ks, svd)
+            for key, by_k in reference.items():
+                for k, value in by_k.items():
+                    got = report["modules"][module][key][k]  # all four are dimensionless (÷ σ₁ or ‖ΔW‖)
+                    assert got == pytest.approx(value, rel=1e-10, abs=1e-14), (name, module, key, k)

@@ -168,3 +168,38 @@ def test_oplora_projects_each_factor_once_per_forward(tiny_dirs, svd):
     logits(model)  # … and the next forward still projects afresh
     assert len(calls) == 2 * n_layers
 
+
+
+def test_lora_null_shares_covariances_and_reuses_cached_null_spaces(tiny_dirs, calibration_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from oplora import calibration
+    from oplora.methods import build
+    from oplora.svd import SVDCache
+
+    directory, svd = tiny_dirs["llama"], SVDCache(tmp_path / "cache")
+    s = settings("lora_null", calibration_file,
+                 target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "o_proj"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    forwards = []
+
+    def adapted():
+        model = load(directory)
+        model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        return build(model, s, svd, tokenizer)
+
+    first = adapted()
+    assert len(forwards) == 6  # one forward per calibration window
+    covs = calibration.covariances(first, {n: layer.base_layer for n, layer in lora_layers(first)},
+                                   torch.randint(0, 1000, (2, 16)))
+    for layer in ("model.layers.0.", "model.layers.1."):
+        assert len({id(covs[layer + f"self_attn.{p}_proj"]) for p in "qkv"}) == 1
+        assert covs[layer + "mlp.up_proj"] is covs[layer + "mlp.gate_proj"]
+        assert covs[layer + "self_attn.o_proj"] is not covs[layer + "self_attn.q_proj"]
+    assert len({id(c) for c in covs.values()}) == 2 * 3  # per layer: attention input, MLP input, o_proj input
+    forwards.clear()
+    second = adapted()  # same weights, corpus and settings: the null spaces are read from disk
+    assert not forwards
+    for (name, a), (_, b) in zip(lora_layers(first), lora_layers(second), strict=True):
+        assert torch.equal(a.lora_A[ADAPTER].weight, b.lora_A[ADAPTER].weight), name
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.safetensors"))) == 1

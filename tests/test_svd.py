@@ -179,3 +179,37 @@ def test_diagnose_measures_against_W_not_the_training_cache(tmp_path, caplog):
     report = diagnose({"m": W}, {"m": delta}, [16], cache)
     assert report["modules"]["m"]["rho"]["16"] == pytest.approx(true_rho, rel=1e-5) and true_rho > 1e-3
     assert str(path) in caplog.text
+
+
+def test_refined_mode_is_exact_to_float64_and_verifies_on_read(tmp_path, caplog):
+    W = spectrum_matrix(300, 240).float()  # σ_i ∝ i^-0.8: slowly decaying, small gaps near k
+    U, S, Vh = torch.linalg.svd(W.double())
+    cache = SVDCache(tmp_path, mode="refined", min_rank=24, oversample=24, niter=2, device="cpu")
+    top = cache.top(W, 24)
+    assert top.residual <= 1e-12  # the float64 refinement converged (before float32 storage)
+    assert torch.allclose(top.S.double(), S[:24], rtol=1e-6)
+    leak = torch.linalg.matrix_norm(U[:, :24].T @ (torch.eye(300, dtype=torch.float64)
+                                                    - top.U.double() @ top.U.double().T)) ** 2
+    assert leak <= 1e-12  # ρ-like leakage of the exact U_k outside the cached subspace
+    crude = SVDCache(tmp_path / "crude", mode="randomized", min_rank=24, oversample=24, niter=2).top(W, 24)
+    assert crude.residual > 1e3 * top.residual  # the same start without the float64 refinement
+    with caplog.at_level("WARNING"):
+        again = SVDCache(tmp_path, mode="refined", min_rank=24, device="cpu").top(W, 24)
+    assert not caplog.records and torch.equal(again.U, top.U)  # read back and verified, not recomputed
+
+
+def test_sharded_build_splits_by_layer_and_fills_the_same_cache(tmp_path):
+    from oplora.svd import build, shard_names
+
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(5) for p in ("q_proj", "v_proj")]
+    shards = [shard_names(names, i, 3) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(names)  # a partition
+    assert all(len({n.split(".")[2] for n in s} & {n.split(".")[2] for n in t}) == 0
+               for s in shards for t in shards if s is not t)  # whole layers
+    matrices = {name: spectrum_matrix(40, 32, seed=i).float() for i, name in enumerate(names)}
+    cache = SVDCache(tmp_path, min_rank=4)
+    computed = [build(cache, names, matrices.__getitem__, top=8, shard=i, shards=3) for i in range(3)]
+    assert sum(computed) == len(names)
+    assert build(cache, names, matrices.__getitem__, top=8) == 0  # one unsharded pass finds everything
+    with pytest.raises(ValueError, match="shard 3"):
+        shard_names(names, 3, 3)

@@ -1,12 +1,12 @@
 """LoRA-Null: A, B from W projected onto the null space of calibration activations.
 
-U_null holds the eigenvectors of the r smallest eigenvalues of C = Σ XᵀX (n×r). The top-r SVD of
+U_null holds the eigenvectors of the r smallest eigenvalues of C = Σ XᵀX (n×r; `calibration.null_spaces`,
+run on the GPU when there is one and cached on disk next to the SVD cache). The top-r SVD of
 W_null = W U_null U_nullᵀ comes from the small m×r matrix W U_null = P Σ Qᵀ: W_null = P Σ (U_null Q)ᵀ.
 A, B are set from it as PiSSA does from W and the base becomes W − s·B A. v1 trains A and B,
 v2 freezes A.
 """
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -14,15 +14,14 @@ import torch
 from oplora import calibration
 from oplora.calibration import CalibrationSettings
 from oplora.methods.base import ADAPTER, Method, absorb_svd_part, lora_layers, register
+from oplora.svd import resolve_device
 
-log = logging.getLogger(__name__)
 VERSIONS = ("v1", "v2")
 
 
-def null_space_part(W: torch.Tensor, cov: torch.Tensor, r: int):
-    """(U, S, V) of the top-r SVD of W U_null U_nullᵀ, in float64."""
-    _, vectors = torch.linalg.eigh(cov.double())  # ascending eigenvalues
-    null = vectors[:, :r]
+def null_space_part(W: torch.Tensor, null: torch.Tensor):
+    """(U, S, V) of the top-r SVD of W U_null U_nullᵀ, in float64 (U_null: n×r, orthonormal)."""
+    null = null.double().to(W.device)
     P, S, Qh = torch.linalg.svd(W.double() @ null, full_matrices=False)
     return P, S, null @ Qh.T
 
@@ -58,15 +57,16 @@ class LoRANull(Method):
         if tokenizer is None:
             raise ValueError("lora_null needs the model's tokenizer to tokenize its calibration data")
         options = self.options(settings)
-        cal = options.calibration
-        docs = calibration.read_documents(cal.source, cal.field)
-        batches = calibration.windows(tokenizer, docs, cal.n_samples, cal.seq_len, cal.seed)
-        log.info("LoRA-Null calibration: %d windows of %d tokens from %s (sha256 %s)",
-                 len(batches), batches.shape[1], cal.source, calibration.source_digest(cal.source))
         layers = dict(lora_layers(model))
-        covs = calibration.covariances(model, {n: layer.base_layer for n, layer in layers.items()}, batches)
+        home = next(model.parameters()).device
+        model.to(resolve_device())  # the GPU when there is one: the training device
+        try:
+            nulls = calibration.null_spaces(model, {n: layer.base_layer for n, layer in layers.items()}, tokenizer,
+                                            options.calibration, settings.r, svd.dir.parent)
+        finally:
+            model.to(home)
         for name, layer in layers.items():
-            U, S, V = null_space_part(layer.base_layer.weight, covs.pop(name), settings.r)
+            U, S, V = null_space_part(layer.base_layer.weight, nulls[name])
             absorb_svd_part(layer, U, S, V)
             if options.null_version == "v2":
                 layer.lora_A[ADAPTER].weight.requires_grad_(False)
