@@ -35,15 +35,19 @@ def step_command(python: str, overrides: list[str], step: GraphStep, gpus: int, 
             f"launcher.gpus={gpus}", f"pipeline.step={step.name}", *([f"pipeline.cell={cell}"] if cell else [])]
 
 
-def pipeline_jobs(python: str, overrides: list[str], cells: dict, gpus: int) -> list[Step]:
-    """One SLURM step per graph step. Array task i is grid cell i: the grid lists the trained cells first."""
+def pipeline_jobs(python: str, overrides: list[str], cells: dict, gpus: int, svd_shards: int = 1) -> list[Step]:
+    """One SLURM step per graph step. Array task i is grid cell i: the grid lists the trained cells first; the svd
+    step is an array over `pipeline.svd_shards` parts of the layers."""
     trained = sum(trains(c.method) for c in cells.values())
+    task = "$SLURM_ARRAY_TASK_ID"  # expands in the job's shell
     jobs = []
     for step in GRAPH:
-        cell = "$SLURM_ARRAY_TASK_ID" if step.per_cell else None
-        argv = step_command(python, overrides, step, gpus, cell)  # the cell index expands in the job's shell
-        command = " ".join(a if a == f"pipeline.cell={cell}" else shlex.quote(a) for a in argv)
+        argv = step_command(python, overrides, step, gpus, task if step.per_cell else None)
+        if step.name == "svd" and svd_shards > 1:
+            argv.append(f"pipeline.shard={task}")
+        command = " ".join(a if a.endswith(task) else shlex.quote(a) for a in argv)
         array = (trained if step.cells == "trained" else len(cells)) if step.per_cell else None
+        array = svd_shards if step.name == "svd" and svd_shards > 1 else array
         jobs.append(Step(step.name, command, array=array, after=step.after, dependency="afterany",
                          gpus=0 if step.resources == "cpu" else None))
     return jobs
@@ -52,7 +56,8 @@ def pipeline_jobs(python: str, overrides: list[str], cells: dict, gpus: int) -> 
 def submit_pipeline(cfg: DictConfig, overrides: list[str], cells: dict) -> dict[str, str]:
     settings = as_dict(cfg.launcher)
     directory = Path(cfg.pipeline.results_dir).parent / "slurm"
-    jobs = pipeline_jobs(settings["python"] or sys.executable, overrides, cells, int(settings["gpus"] or 1))
+    jobs = pipeline_jobs(settings["python"] or sys.executable, overrides, cells, int(settings["gpus"] or 1),
+                         cfg.pipeline.svd_shards)
     ids = submit(jobs, settings, directory, job_prefix=f"oplora-{cfg.experiment_name}", workdir=Path.cwd())
     print(f"submitted {', '.join(f'{name}={job}' for name, job in ids.items())}; scripts and logs in {directory}")
     if settings["wait"] and all(ids.values()):

@@ -24,10 +24,9 @@ import hydra
 import safetensors
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from oplora.config import CONFIG_DIR, trains
-from oplora.diagnose import base_weights, diagnose_adapter, weights_dir
+from oplora.diagnose import LazyWeights, diagnose_adapter, weights_dir
 from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
@@ -38,40 +37,36 @@ from oplora.models import compute_dtype, weights_digest
 from oplora.report import collect
 from oplora.resources import resolve
 from oplora.rundir import RunDir
-from oplora.svd import SVDCache
+from oplora.svd import SVDCache, build
 from oplora.train import adapter_settings, finished, train
 
 log = logging.getLogger("oplora.pipeline")
 REPORT = "oplora-report: "
 
 
-def target_matrices(cfg: DictConfig) -> dict[str, torch.Tensor]:
-    """Every adapted weight matrix of the base model, in the dtype training sees."""
+def target_weights(cfg: DictConfig) -> LazyWeights:
+    """Every adapted weight matrix of the base model, read one at a time in the dtype training sees."""
     directory = weights_dir(resolve(cfg.model.path))
     names = []
     for file in sorted(directory.glob("*.safetensors")):
         with safetensors.safe_open(file, "pt") as f:
             names += [k.removesuffix(".weight") for k in f.keys()
                       if k.endswith(".weight") and k.rsplit(".", 2)[-2] in cfg.model.target_modules]
-    dtype = getattr(torch, compute_dtype(cfg.model))
-    return {name: W.to(dtype) for name, W in base_weights(directory, names).items()}
+    return LazyWeights(directory, names, getattr(torch, compute_dtype(cfg.model)))
 
 
 def svd_step(cfg: DictConfig, cells: dict[Cell, DictConfig]) -> bool:
-    """The singular triples every method of the grid and figure 2a need, computed once into the cache."""
+    """The singular triples every method of the grid and figure 2a need, computed once into the cache; with
+    `pipeline.svd_shards=n`, `pipeline.shard=i` does the layers of shard i (a SLURM array task each)."""
     needs = [get_method(s.method).svd_needs(s) for s in map(adapter_settings, (c for c in cells.values()
                                                                                if trains(c.method)))]
     top = max([max(cfg.pipeline.rho_ks), *(t for t, _ in needs)])
     bottom = max(b for _, b in needs) if needs else 0
+    weights = target_weights(cfg)
+    shards = cfg.pipeline.svd_shards
+    shard_list = [cfg.pipeline.shard] if cfg.pipeline.shard is not None else range(shards)
     svd = SVDCache(cfg.cache_dir or cache_root(), mode=cfg.svd_mode)
-    ran = False
-    for name, W in tqdm(target_matrices(cfg).items(), desc="SVD cache", unit="matrix"):
-        k = min(top, min(W.shape))
-        if not svd.has(W, k, bottom):
-            svd.top(W, k, name)
-            svd.bottom(W, bottom, name) if bottom else None
-            ran = True
-    return ran
+    return sum(build(svd, list(weights), weights.__getitem__, top, bottom, shard, shards) for shard in shard_list) > 0
 
 
 def train_step(cfg: DictConfig) -> bool:

@@ -99,7 +99,7 @@ def test_slurm_runs_the_grid_as_job_arrays(cluster, data_files, tasks, tmp_path)
     cells are evaluated and collect still writes the table, naming the failure.
     """
     overrides = grid_overrides(data_files, tasks, tmp_path, "wandb=disabled",
-                               "pipeline.methods=[lora,oplora16,lora_null]")
+                               "pipeline.methods=[lora,oplora16,lora_null]", "pipeline.svd_shards=2")
     cfg = compose(*overrides, "launcher=slurm", "launcher.gpus=1", "launcher.mem=3G", "launcher.cpus_per_task=1",
                   "launcher.time=00:30:00", "launcher.submit=false")
     submit_pipeline(cfg, overrides, grid(cfg, overrides))
@@ -110,12 +110,13 @@ def test_slurm_runs_the_grid_as_job_arrays(cluster, data_files, tasks, tmp_path)
                   "launcher.time=00:30:00")
     ids = submit_pipeline(cfg, overrides, grid(cfg, overrides))
     assert "#SBATCH --array=0-2" in (scripts / "train.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in (scripts / "svd.sbatch").read_text()  # the SVD cache built by layer, in 2 jobs
     assert "#SBATCH --array=0-3" in (scripts / "eval.sbatch").read_text()
     states = wait(list(ids.values()), timeout=1200, poll=3)
     failed_train = f"{ids['train']}_2"
     assert states.pop(failed_train) == "FAILED"
     assert set(states.values()) == {"COMPLETED"}, (states, sorted(p.name for p in (scripts / "logs").iterdir()))
-    assert len(states) == 1 + 2 + 3 + 4 + 1  # svd, the other train tasks, diagnose, eval, collect
+    assert len(states) == 2 + 2 + 3 + 4 + 1  # svd shards, the other train tasks, diagnose, eval, collect
     collected = json.loads((tmp_path / "tables" / "collect.json").read_text())
     assert list(collected["rows"]) == ["Base", "LoRA", "OPLoRA-16", "LoRA-Null"]
     assert list(collected["failed"]) == ["lora_null/seed42"]
