@@ -75,6 +75,7 @@ def bwrap_command(argv: list[str], scratch: Path, env: dict[str, str], read_only
         path = os.path.realpath(path)
         if os.path.exists(path) and not _covered(path, binds):
             binds = [b for b in binds if not _covered(b, [path])] + [path]
+    args += ["--perms", "1777", "--tmpfs", "/tmp"]  # first: a venv or checkout under /tmp is bound on top of it
     made: set[str] = set()
     for path in sorted(binds):
         for parent in reversed(Path(path).parents[:-1]):  # bwrap would create them 0700, closed to uid 65534
@@ -82,7 +83,7 @@ def bwrap_command(argv: list[str], scratch: Path, env: dict[str, str], read_only
                 args += ["--perms", "0755", "--dir", str(parent)]
                 made.add(str(parent))
         args += ["--ro-bind", path, path]
-    args += ["--bind", str(scratch), INSIDE, "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
+    args += ["--bind", str(scratch), INSIDE, "--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--tmpfs", "/dev/shm", "--chdir", INSIDE]
     for key, value in {**BASE_ENV, **env}.items():
         args += ["--setenv", key, value]

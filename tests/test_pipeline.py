@@ -127,17 +127,23 @@ def test_slurm_runs_the_grid_as_job_arrays(cluster, data_files, tasks, tmp_path)
 
 
 @pytest.mark.slow
-def test_each_gpu_step_in_its_own_process_and_training_on_two(data_files, tasks, tmp_path):
+def test_each_gpu_step_in_its_own_process_and_training_on_two(data_files, tasks, calibration_file, tmp_path, capfd):
     """launcher.isolate=true: train and eval of every cell in processes of their own (the GPU path: DeepSpeed
-    and vLLM keep GPU memory within a process); launcher.gpus=2: training in two processes under torchrun
-    (gloo here), the effective batch unchanged, the other rank waiting for rank 0's caches."""
+    and vLLM keep GPU memory within a process); launcher.gpus=2: LoRA-Null trained by two processes under
+    torchrun (gloo here), the effective batch unchanged, rank 0 calibrating while the other rank waits and then
+    reads the null spaces it cached."""
     overrides = [o.replace("train.micro_batch_size=4", "train.micro_batch_size=2") for o in grid_overrides(
-        data_files, tasks, tmp_path, "wandb=disabled", "pipeline.methods=[lora]", "deepspeed=zero2")]
+        data_files, tasks, tmp_path, "wandb=disabled", "pipeline.methods=[lora_null]", "deepspeed=zero2",
+        f"calibration.source={calibration_file}", "calibration.n_samples=4", "calibration.seq_len=32")]
     report = run(compose(*overrides, "launcher.isolate=true", "launcher.gpus=2"), overrides)
     assert report["failed"] == {}, summary(report)
-    assert report["ran"] == {"svd": ["all"], "train": ["lora/seed42"], "diagnose": ["lora/seed42"],
-                             "eval": ["lora/seed42", "base/seed42"], "collect": ["all"]}
-    record = json.loads((tmp_path / "runs" / "lora" / "seed42" / "run.json").read_text())
+    assert report["ran"] == {"svd": ["all"], "train": ["lora_null/seed42"], "diagnose": ["lora_null/seed42"],
+                             "eval": ["lora_null/seed42", "base/seed42"], "collect": ["all"]}
+    record = json.loads((tmp_path / "runs" / "lora_null" / "seed42" / "run.json").read_text())
     assert record["world_size"] == 2 and record["log_history"][-1]["step"] == 2
+    log = capfd.readouterr()
+    assert (log.out + log.err).count("LoRA-Null calibration:") == 1  # rank 0 only
+    assert "LoRA-Null null spaces read from" in log.out + log.err  # the other rank, after waiting
     again = run(compose(*overrides, "launcher.isolate=true", "launcher.gpus=2"), overrides)
-    assert again["skipped"]["train"] == ["lora/seed42"] and again["skipped"]["eval"] == ["lora/seed42", "base/seed42"]
+    assert again["skipped"]["train"] == ["lora_null/seed42"]
+    assert again["skipped"]["eval"] == ["lora_null/seed42", "base/seed42"]
