@@ -48,11 +48,14 @@ demo: install
 
 # W&B: `make dashboard experiment=table2 [model=…]` writes the dashboard's JSON and, online, saves it (URL printed);
 # `make wandb-sync experiment=table2 [model=…]` uploads every offline run of the experiment (`wandb sync`)
-WANDB_ARGS = experiment=$(or $(experiment),$(error set experiment=…)) $(if $(model),model=$(model)) $(ARGS)
+WANDB_ARGS = experiment=$(experiment) $(if $(model),model=$(model)) $(ARGS)
+NEEDS_EXPERIMENT = @test -n "$(experiment)" || { echo "set experiment=… (e.g. make $@ experiment=table2)"; exit 2; }
 dashboard: install
+	$(NEEDS_EXPERIMENT)
 	$(BIN)/python -m oplora.dashboard $(WANDB_ARGS)
 
 wandb-sync: install
+	$(NEEDS_EXPERIMENT)
 	$(BIN)/python -m oplora.tracking $(WANDB_ARGS)
 
 bench: install

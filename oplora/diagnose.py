@@ -187,7 +187,8 @@ def weight_files(base: str | Path) -> dict[str, Path]:
     path = weights_dir(base)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path} holds no *.safetensors weights")
+        raise FileNotFoundError(f"model directory {path} holds no *.safetensors weights: point model.path at a "
+                                "complete model directory or a hub id")
     index = {}
     for file in files:
         try:

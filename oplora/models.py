@@ -82,13 +82,10 @@ def tiny_dir(arch: str, seed: int = 0) -> Path:
 def weights_digest(model: str | Path) -> str:
     """The identity of a base model's weights: xxh3 of its config and safetensors files (a model directory or a
     cached hub snapshot). An adapter is only ever diagnosed or evaluated against the base it was trained on."""
-    from oplora.diagnose import weights_dir
+    from oplora.diagnose import weight_files, weights_dir
 
-    directory = weights_dir(model)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory} holds no *.safetensors weights (model.path={model})")
-    return content_hash({f.name: content_digest(f) for f in [directory / "config.json", *files]})
+    files = sorted(set(weight_files(model).values()))
+    return content_hash({f.name: content_digest(f) for f in [weights_dir(model) / "config.json", *files]})
 
 
 def compute_dtype(model_cfg) -> str:

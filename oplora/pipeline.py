@@ -21,12 +21,11 @@ import sys
 import traceback
 
 import hydra
-import safetensors
 import torch
 from omegaconf import DictConfig
 
 from oplora.config import CONFIG_DIR, trains
-from oplora.diagnose import LazyWeights, diagnose_adapter, weights_dir
+from oplora.diagnose import LazyWeights, diagnose_adapter, weight_files
 from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
@@ -46,13 +45,10 @@ REPORT = "oplora-report: "
 
 def target_weights(cfg: DictConfig) -> LazyWeights:
     """Every adapted weight matrix of the base model, read one at a time in the dtype training sees."""
-    directory = weights_dir(resolve(cfg.model.path))
-    names = []
-    for file in sorted(directory.glob("*.safetensors")):
-        with safetensors.safe_open(file, "pt") as f:
-            names += [k.removesuffix(".weight") for k in f.keys()
-                      if k.endswith(".weight") and k.rsplit(".", 2)[-2] in cfg.model.target_modules]
-    return LazyWeights(directory, names, getattr(torch, compute_dtype(cfg.model)))
+    base = resolve(cfg.model.path)
+    names = [k.removesuffix(".weight") for k in sorted(weight_files(base))
+             if k.endswith(".weight") and k.rsplit(".", 2)[-2] in cfg.model.target_modules]
+    return LazyWeights(base, names, getattr(torch, compute_dtype(cfg.model)))
 
 
 def svd_step(cfg: DictConfig, cells: dict[Cell, DictConfig]) -> bool:

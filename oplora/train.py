@@ -42,6 +42,7 @@ from transformers.trainer_utils import SchedulerType
 
 from oplora import data, tracking
 from oplora.config import CONFIG_DIR, trains
+from oplora.diagnose import weight_files
 from oplora.export import export_adapter, save_initial
 from oplora.io import atomic_write_text, cache_root, file_sha256, read_json
 from oplora.methods import AdapterSettings, build, get_method
@@ -269,9 +270,8 @@ def validate(cfg: DictConfig) -> AdapterSettings:
         data.check_fields(data.load_records(cfg.data.path, cfg.data.split, cfg.data.limit), cfg.data.path,
                           cfg.data.query, cfg.data.response)
     model_dir = resolve(cfg.model.path)
-    if Path(model_dir).is_dir() and not any(Path(model_dir).glob("*.safetensors")):
-        raise FileNotFoundError(f"model directory {model_dir} holds no *.safetensors weights (model.path="
-                                f"{cfg.model.path}): point model.path at a complete model directory or a hub id")
+    if Path(model_dir).is_dir():
+        weight_files(model_dir)  # a local directory without (readable) weights is named here
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         shapes = target_shapes(AutoModelForCausalLM.from_config(config), settings.target_modules)
