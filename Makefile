@@ -1,10 +1,9 @@
 # oplora: `make test` sets everything up on a fresh clone (CPU, offline) and runs the suite.
+# Only the test, rehearsal and demo targets are offline; the tables download through their fetch step.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements/lock.txt pyproject.toml | cksum | cut -d' ' -f1)
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed compiles its CPU communication op once (about a minute) and reuses it from here
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/oplora/torch_extensions
@@ -15,7 +14,9 @@ launcher ?= local
 PIPELINE  = $(BIN)/python -m oplora.pipeline launcher=$(launcher) $(if $(model),model=$(model)) $(ARGS)
 TABLES   := table2 table3 table4 table5 table6 table7
 
-.PHONY: install sandbox test bench gpu-check lock clean demo figure2 dashboard wandb-sync $(TABLES)
+OFFLINE  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: install sandbox test rehearse bench gpu-check lock clean demo fetch figure2 dashboard wandb-sync $(TABLES)
 
 install: $(STAMP)
 
@@ -35,7 +36,12 @@ sandbox:
 	  || echo "bubblewrap is missing: run 'sudo apt-get install bubblewrap' (or set eval.sandbox=none to run generated code unsandboxed)"; }
 
 test: install  # always offline: a WANDB_MODE of the caller's shell does not apply
-	WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the cluster path rehearsed offline: tables 2-7 with their real configs and hub ids from a local fake hub (tiny
+# models), fetch → SLURM-free run → tables, and one experiment on the local SLURM with a failing cell (in make test)
+rehearse: install
+	$(OFFLINE) WANDB_MODE=offline $(BIN)/python -m pytest tests/test_rehearse.py $(PYTEST_ARGS)
 
 $(TABLES): install
 	$(PIPELINE) experiment=$@
@@ -44,7 +50,12 @@ figure2: install  # figure 2 of the paper: LLaMA-2 7B on Commonsense170k (table 
 	$(PIPELINE) experiment=$(or $(experiment),table2)
 
 demo: install
-	WANDB_MODE=offline $(PIPELINE) experiment=demo
+	$(OFFLINE) WANDB_MODE=offline $(PIPELINE) experiment=demo
+
+# downloads what an experiment needs (model, data, lm_eval task data, MATH, MBPP+, LoRA-Null's corpus) into the
+# Hugging Face cache: `make fetch experiment=table2 [model=…]` on a node with internet; the tables' first step too
+fetch: install
+	$(PIPELINE) experiment=$(or $(experiment),table2) pipeline.step=fetch
 
 # W&B: `make dashboard experiment=table2 [model=…]` writes the dashboard's JSON and, online, saves it (URL printed);
 # `make wandb-sync experiment=table2 [model=…]` uploads every offline run of the experiment (`wandb sync`)

@@ -1,22 +1,27 @@
 """Input-activation covariances of target layers on a calibration corpus (LoRA-Null).
 
-The corpus is a local text source: a .txt file whose documents are separated by blank lines, or a
-.json/.jsonl file of records with a text field. Documents are joined by blank lines, tokenized
-once, and `n_samples` windows of `seq_len` tokens are drawn with a seeded generator. For every
-distinct input of the target layers (q/k/v_proj of a layer read the same tensor, as do up/gate_proj:
-found by tensor identity in forward pre-hooks), each window's activations X are scaled by |max(X)|
-and C += XᵀX in float32 on the model's device; layers that share an input share one C.
+The corpus is built as LoRA-Null's official code builds its NQ-open corpus: the documents (by default the
+`question` field of the NQ-open training set from the hub, `google-research-datasets/nq_open`; or a local .txt
+file whose documents are separated by blank lines, or a .json/.jsonl file of records with a text field) are
+joined by blank lines; each of `n_samples` windows starts at a character offset drawn by `random.Random(seed)`,
+the next `10 × seq_len` characters are tokenized as the tokenizer does by default (LLaMA-2's adds a BOS token,
+Qwen2's does not: recorded) and the first `seq_len` tokens kept. For every distinct input of the target layers
+(q/k/v_proj of a layer read the same tensor, as do up/gate_proj: found by tensor identity in forward pre-hooks),
+each window's activations X are scaled by |max(X)| and C += XᵀX in float32 on the model's device; layers that
+share an input share one C.
 
 `null_spaces` turns the covariances into the eigenvectors of the r smallest eigenvalues (float64,
 one `eigh` per distinct input, with progress) and caches them under `root/calibration/`, keyed by
-the model's weights, the corpus's sha256 and the settings, so a resume or another training seed
-reuses them without running the model.
+the model's weights, the corpus text's sha256 and the settings, so a resume or another training seed
+reuses them without running the model; a JSON next to them records the corpus.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,26 +31,48 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from oplora.io import atomic_file, file_sha256
+from oplora.io import atomic_file, atomic_write_text
 from oplora.record import content_hash
 from oplora.resources import resolve
 
 log = logging.getLogger(__name__)
+LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """Text that stands for "pre-trained knowledge" (LoRA-Null). Official run: NQ-open, 256×2048, seed 233."""
+    """Text that stands for "pre-trained knowledge" (LoRA-Null). Official run: NQ-open questions, 256×2048, seed 233."""
 
-    source: str | None = None  # .txt (documents separated by blank lines) or .json/.jsonl
-    field: str = "text"  # record field holding the text, for json/jsonl sources
+    source: str | None = None  # a hub dataset id, or a local .txt (documents separated by blank lines) / .json/.jsonl
+    name: str | None = None  # the hub dataset's config
+    split: str = "train"  # the hub dataset's split
+    field: str = "question"  # the record field holding the text (hub and json/jsonl sources)
     n_samples: int = 256
     seq_len: int = 2048
     seed: int = 233
 
 
-def read_documents(source: str | Path, field: str = "text") -> list[str]:
-    path = Path(resolve(str(source)))
+def is_local(source: str) -> bool:
+    return Path(resolve(source)).suffix in LOCAL_SUFFIXES or Path(resolve(source)).exists()
+
+
+def read_documents(settings: CalibrationSettings) -> list[str]:
+    """The corpus's documents: a local file's, or the `field` of a hub dataset (cached by `make fetch`)."""
+    if not is_local(settings.source):
+        from datasets import load_dataset
+
+        try:
+            records = load_dataset(settings.source, settings.name, split=settings.split)
+        except Exception as err:  # offline and not cached, unknown id, …: each library has its own error types
+            raise FileNotFoundError(f"calibration corpus {settings.source} ({settings.name}, {settings.split}) cannot "
+                                    f"be loaded: {type(err).__name__}: {err}. Fetch it on a node with internet (make "
+                                    "fetch experiment=…) or set calibration.source to a local file") from err
+        if settings.field not in records.column_names:
+            raise ValueError(f"calibration source {settings.source} has no field {settings.field!r}; its fields are "
+                             f"{records.column_names} (set calibration.field)")
+        docs = [str(d).strip() for d in records[settings.field]]
+        return [d for d in docs if d] or _empty(settings.source)
+    path = Path(resolve(settings.source))
     if not path.is_file():
         raise FileNotFoundError(f"calibration source {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -53,29 +80,35 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
         try:
             lines = [line for line in text.splitlines() if line.strip()]
             records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in lines]
-            docs = [str(r[field]) for r in records]
+            docs = [str(r[settings.field]) for r in records]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"calibration source {path}: cannot read field {field!r} from every record "
+            raise ValueError(f"calibration source {path}: cannot read field {settings.field!r} from every record "
                              f"({err})") from err
     else:
-        docs = [d.strip() for d in text.split("\n\n")]
-    docs = [d for d in docs if d]
-    if not docs:
-        raise ValueError(f"calibration source {path} holds no text")
-    return docs
+        docs = text.split("\n\n")
+    docs = [d.strip() for d in docs]
+    return [d for d in docs if d] or _empty(path)
 
 
-def source_digest(source: str | Path) -> str:
-    return file_sha256(resolve(str(source)))
+def _empty(source) -> list[str]:
+    raise ValueError(f"calibration source {source} holds no text")
 
 
-def windows(tokenizer, docs: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    ids = tokenizer("\n\n".join(docs), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if len(ids) <= seq_len:
-        return ids[None, :]
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+def corpus(settings: CalibrationSettings) -> str:
+    """The documents joined by blank lines (the official construction)."""
+    return "\n\n".join(read_documents(settings))
+
+
+def windows(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    """`n_samples` token windows of (at most) `seq_len`: each from a seeded character offset, tokenized with the
+    tokenizer's default special tokens, as LoRA-Null's official `get_calib_data` does."""
+    draw = random.Random(seed)
+    result = []
+    for _ in range(n_samples):
+        start = draw.randint(0, max(len(text) - seq_len - 1, 0))
+        ids = tokenizer(text[start:start + seq_len * 10], return_tensors="pt").input_ids[0]
+        result.append(ids[:seq_len])
+    return result
 
 
 @torch.no_grad()
@@ -136,11 +169,13 @@ def null_spaces(model: torch.nn.Module, layers: dict[str, torch.nn.Module], toke
                 settings: CalibrationSettings, r: int, root: Path) -> dict[str, torch.Tensor]:
     """Each layer's U_null: eigenvectors (float64, n×r) of the r smallest eigenvalues of its input covariance C.
 
-    Cached in `root/calibration/<key>.safetensors`, key = (weights, corpus sha256, field, n_samples, seq_len,
-    seed, r, layer names); a cached entry is read without running the model.
+    Cached in `root/calibration/<key>.safetensors`, key = (weights, corpus sha256, the settings, r, layer names);
+    a cached entry is read without running the model. `<key>.json` records the corpus: source, sha256, windows,
+    and whether a BOS token starts each window.
     """
-    corpus = source_digest(settings.source)
-    key = content_hash({"weights": weights_identity(model), "corpus_sha256": corpus, "r": r, "layers": sorted(layers),
+    text = corpus(settings)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    key = content_hash({"weights": weights_identity(model), "corpus_sha256": digest, "r": r, "layers": sorted(layers),
                         **{k: v for k, v in asdict(settings).items() if k != "source"}})
     path = root / "calibration" / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,15 +183,17 @@ def null_spaces(model: torch.nn.Module, layers: dict[str, torch.nn.Module], toke
         if path.exists():
             log.info("LoRA-Null null spaces read from %s", path)
             return load_file(path)
-        docs = read_documents(settings.source, settings.field)
-        batches = windows(tokenizer, docs, settings.n_samples, settings.seq_len, settings.seed)
-        log.info("LoRA-Null calibration: %d windows of %d tokens from %s (sha256 %s)",
-                 len(batches), batches.shape[1], settings.source, corpus)
+        batches = windows(tokenizer, text, settings.n_samples, settings.seq_len, settings.seed)
+        bos = tokenizer.bos_token_id is not None and all(int(w[0]) == tokenizer.bos_token_id for w in batches)
+        record = {**asdict(settings), "corpus_sha256": digest, "corpus_chars": len(text), "windows": len(batches),
+                  "tokens": sum(len(w) for w in batches), "bos_starts_each_window": bos}
+        log.info("LoRA-Null calibration: %s", record)
         covs = covariances(model, layers, batches)
         distinct = {id(c): c for c in covs.values()}
         nulls = {i: torch.linalg.eigh(c.double()).eigenvectors[:, :r].cpu()  # ascending eigenvalues
                  for i, c in tqdm(distinct.items(), desc="eigendecompositions", unit="input")}
         result = {name: nulls[id(c)].clone().contiguous() for name, c in covs.items()}
+        atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2))
         with atomic_file(path) as tmp:
-            save_file(result, tmp, metadata={"key": key, "corpus_sha256": corpus})
+            save_file(result, tmp, metadata={"key": key, "corpus_sha256": digest})
     return result

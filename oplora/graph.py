@@ -4,8 +4,10 @@ Each step runs once (`per_cell=False`) or once per cell of the grid: every cell 
 trained methods and the base row) or only the cells that train (`cells="trained"`). A step reads the
 results of the steps in `after`. A per-cell step whose `after` step failed for the same cell is
 blocked for that cell only (the failure is recorded in the cell's run directory, `failed/<step>.json`);
-the other cells go on. A step with `always=True` runs whatever failed before it (collect shows "—"
-for what is missing and names the failures). `resources` says what a SLURM job of the step asks for.
+the other cells go on. A once-step that fails blocks every step after it, for every cell. A step with
+`always=True` runs whatever failed before it (collect shows "—" for what is missing and names the failures).
+`resources` says what a SLURM job of the step asks for; a `launcher` step runs where the pipeline is launched
+(fetch: on the login node, which has internet), before any job is submitted.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ class Step:
     after: tuple[str, ...] = ()
     resources: str = "gpu"  # "gpu" | "cpu"
     always: bool = False
+    launcher: bool = False  # runs in the launching process, never as a SLURM job
 
 
 GRAPH = (
-    Step("svd", per_cell=False, resources="cpu"),  # SVD cache of every adapted matrix, shared by all cells
+    Step("fetch", per_cell=False, resources="cpu", launcher=True),  # downloads; the later steps run offline
+    Step("svd", per_cell=False, after=("fetch",), resources="cpu"),  # SVD cache of the adapted matrices, for all cells
     Step("train", per_cell=True, cells="trained", after=("svd",)),
     Step("diagnose", per_cell=True, cells="trained", after=("train",), resources="cpu"),  # ρ_k of the adapter
     Step("eval", per_cell=True, cells="all", after=("train",)),

@@ -62,21 +62,20 @@ def smollm2_dir() -> Path:
     return materialise("smollm2-135m-instruct", convert)
 
 
-def tiny_dir(arch: str, seed: int = 0) -> Path:
-    """A tiny random model of the given architecture, with SmolLM2's tokenizer."""
+def tiny_dir(arch: str, seed: int = 0, **shape) -> Path:
+    """A tiny random model of the given architecture, with SmolLM2's tokenizer; `shape` overrides TINY_SHAPE."""
     if arch not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; valid: {', '.join(TINY_CONFIGS)}")
 
     def make(out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
         config = TINY_CONFIGS[arch](vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, **TINY_SHAPE)
+                                    eos_token_id=tokenizer.eos_token_id, **{**TINY_SHAPE, **shape})
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return materialise(f"tiny-{arch}-{seed}", make)
-
+    return materialise(f"tiny-{arch}-{seed}" + (f"-{content_hash(shape)[:12]}" if shape else ""), make)
 
 
 def weights_digest(model: str | Path) -> str:
@@ -88,9 +87,36 @@ def weights_digest(model: str | Path) -> str:
     return content_hash({f.name: content_digest(f) for f in [weights_dir(model) / "config.json", *files]})
 
 
+DEVICES = ("auto", "cuda")
+
+
+def require_gpu(model_cfg) -> bool:
+    """Whether the model must run on a GPU (`model.device: cuda`, the 7B models of the tables): then every stage
+    uses its configured dtype, on whichever node it runs, and a GPU step without a GPU fails (`check_gpu`)."""
+    device = model_cfg.get("device", "auto")
+    if device not in DEVICES:
+        raise ValueError(f"model.device={device!r} is not valid; choose one of {', '.join(DEVICES)}")
+    return device == "cuda"
+
+
+def check_gpu(model_cfg) -> None:
+    """Refuse to train or evaluate a `model.device: cuda` model without a visible GPU, instead of quietly running
+    a 7B model in float32 on the CPU."""
+    if require_gpu(model_cfg) and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+        raise RuntimeError(
+            f"model.device=cuda ({model_cfg.name} trains in {model_cfg.dtype} on a GPU) but torch sees no GPU: torch "
+            f"{torch.__version__} is built for {build}. Check `nvidia-smi` on this node (the driver must support that "
+            "CUDA version), or install the torch wheel that matches the driver, e.g. `pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cu126` (README: GPU install). model.device=auto runs on the "
+            "CPU in float32 instead (slow; tests and rehearsals)")
+
+
 def compute_dtype(model_cfg) -> str:
-    """The dtype a model trains and is evaluated in: its configured dtype on a GPU, float32 on the CPU.
+    """The dtype a model trains and is evaluated in: its configured dtype for a `model.device: cuda` model (on every
+    node, GPU or not: the CPU steps of a GPU run read the weights as training does) and, with `device: auto`, on a
+    GPU; float32 on the CPU.
 
     The SVD cache is keyed on the weights in this dtype, so every stage must use this one rule.
     """
-    return model_cfg.dtype if torch.cuda.is_available() else "float32"
+    return model_cfg.dtype if require_gpu(model_cfg) or torch.cuda.is_available() else "float32"

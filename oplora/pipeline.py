@@ -3,6 +3,9 @@
 
     python -m oplora.pipeline experiment=table2 [model=qwen2.5-7b] [pipeline.seeds=[1,2,3]] [launcher=slurm]
 
+The first step, fetch, downloads what the experiment needs into the Hugging Face caches; every later step runs
+offline (HF_HUB_OFFLINE), so a compute node needs no internet and nothing is downloaded behind fetch's back.
+
 Every step decides from its own result files and config hashes whether there is work left, so a
 second run executes nothing, a changed eval setting reruns evaluation and collection only, and
 `force=true` / `eval.force=true` redo training / evaluation. A step that fails for one cell is
@@ -27,12 +30,13 @@ from omegaconf import DictConfig
 from oplora.config import CONFIG_DIR, trains
 from oplora.diagnose import LazyWeights, diagnose_adapter, weight_files
 from oplora.evaluation.cell import check_adapter, evaluate
+from oplora.fetch import fetch, go_offline
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
 from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
-from oplora.models import compute_dtype, weights_digest
+from oplora.models import check_gpu, compute_dtype, weights_digest
 from oplora.report import collect
 from oplora.resources import resolve
 from oplora.rundir import RunDir
@@ -99,7 +103,7 @@ def eval_step(cfg: DictConfig) -> bool:
 
 
 CELL_ACTIONS = {"train": train_step, "diagnose": diagnose_step, "eval": eval_step}
-ONCE_ACTIONS = {"svd": svd_step, "collect": collect}
+ONCE_ACTIONS = {"fetch": fetch, "svd": svd_step, "collect": collect}
 
 
 def run_step(step: Step, cfg: DictConfig, overrides: list[str], cells: dict[Cell, DictConfig], chosen: list[Cell],
@@ -169,15 +173,29 @@ def run_isolated(step: Step, cfg: DictConfig, overrides: list[str], index: int, 
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
-    """Run the selected steps (and cells) here, in graph order; a report of what ran, was skipped, blocked or failed."""
+    """Run the selected steps (and cells) here, in graph order; a report of what ran, was skipped, blocked or failed.
+
+    After fetch, the steps run offline. A failed once-step (fetch, svd) blocks every step after it."""
     if cfg.pipeline.step != "all" and cfg.pipeline.step not in STEPS:
         raise ValueError(f"pipeline.step={cfg.pipeline.step!r}; valid: all, {', '.join(STEPS)}")
     steps = GRAPH if cfg.pipeline.step == "all" else (STEPS[cfg.pipeline.step],)
     cells = grid(cfg, overrides)
+    if any(s.resources == "gpu" for s in steps):
+        check_gpu(cfg.model)  # before anything runs: a 7B model never trains in float32 on a CPU by accident
     chosen = list(cells) if cfg.pipeline.cell is None else [list(cells)[cfg.pipeline.cell]]
     report = {key: {s.name: [] for s in steps} for key in ("ran", "skipped", "blocked")} | {"failed": {}}
+    dead: set[str] = set()  # once-steps that failed, and the steps they block
     for step in steps:
+        if not step.always and dead.intersection(step.after):
+            dead.add(step.name)
+            report["blocked"][step.name] = [c.name for c in cells_of(step, cells) if c in chosen] if step.per_cell \
+                else ["all"]
+            continue
         run_step(step, cfg, overrides, cells, chosen, report)
+        if step.name in report["failed"]:
+            dead.add(step.name)
+        if step.name == "fetch" and step.name not in dead:
+            go_offline()
     return report
 
 

@@ -41,6 +41,17 @@ class Step:
         return (self.after,) if isinstance(self.after, str) else tuple(self.after or ())
 
 
+# Near the time limit (--signal=B:USR1): every process of the job gets SIGUSR1 (training saves a checkpoint at the
+# end of its step and stops), the job waits for them and requeues itself; the requeued job resumes from there.
+REQUEUE = """requeue() {
+  trap '' USR1
+  echo "[$(date -Is)] time limit near: checkpointing, then requeueing job $SLURM_JOB_ID"
+  kill -USR1 0
+  wait
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+trap requeue USR1"""
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 NAME_CHARS = "letters, digits, '.', '_' and '-'"
 NAME_LIST = re.compile(r"[A-Za-z0-9._,-]+")  # partitions, accounts: a comma-separated list
@@ -81,14 +92,17 @@ def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix:
     pattern = "%x-%A_%a.out" if step.array is not None else "%x-%j.out"
     output = _checked(Path(directory) / "logs" / pattern, "the log path (from pipeline.results_dir / experiment_name)")
     header += [f"--output={output}", "--requeue", "--open-mode=append"]
+    warning = settings.get("signal_seconds")
+    if warning:  # SIGUSR1 to the batch shell this long before the time limit: checkpoint, then requeue (REQUEUE)
+        header.append(f"--signal=B:USR1@{_checked(int(warning), 'launcher.signal_seconds')}")
     header += [_checked(option, "launcher.extra", OPTION,
                         "options like --qos=high: a leading '-', then no whitespace or control characters")
                for option in settings.get("extra") or []]
     lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in header), "", "set -euo pipefail",
              f"cd {shlex.quote(str(workdir))}"]
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in env.items()]
-    lines += ['echo "[$(date -Is)] host=$(hostname) job=${SLURM_JOB_ID:-} task=${SLURM_ARRAY_TASK_ID:-}"',
-              step.command, ""]
+    lines += ['echo "[$(date -Is)] host=$(hostname) job=${SLURM_JOB_ID:-} task=${SLURM_ARRAY_TASK_ID:-}"']
+    lines += [REQUEUE, f"{step.command} &", "wait $!", ""] if warning else [step.command, ""]
     return "\n".join(lines)
 
 
@@ -136,9 +150,12 @@ def _field(line: str, key: str) -> str | None:
 
 
 def _states(job_id: str) -> dict[str, str]:
-    """{job id, or <array id>_<task(s)>: state} from one `scontrol show job -o` call."""
+    """{job id, or <array id>_<task(s)>: state} from one `scontrol show job -o` call; from `sacct` once scontrol has
+    forgotten the job (MinJobAge after its end)."""
     result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
     if result.returncode != 0:
+        if "Invalid job id" in result.stderr:
+            return _sacct_states(job_id, result.stderr.strip())
         raise RuntimeError(f"scontrol show job {job_id} failed: {result.stderr.strip()}")
     states = {}
     for line in filter(None, result.stdout.splitlines()):
@@ -147,6 +164,20 @@ def _states(job_id: str) -> dict[str, str]:
         state = str(_field(line, "JobState"))
         states[key] = NEVER_RUNS if state == "PENDING" and _field(line, "Reason") == NEVER_RUNS else state
     return states
+
+
+def _sacct_states(job_id: str, why: str) -> dict[str, str]:
+    result = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State"], capture_output=True,
+                            text=True)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise RuntimeError(f"scontrol no longer knows job {job_id} ({why}) and sacct cannot tell its final state: "
+                           f"{result.stderr.strip() or 'no record'}")
+    return parse_sacct(result.stdout)
+
+
+def parse_sacct(text: str) -> dict[str, str]:
+    """`sacct -n -P -X -o JobID,State` lines ("123_4|COMPLETED", "123|CANCELLED by 0") → {id: state}."""
+    return {job: state.split()[0] for job, state in (line.split("|", 1) for line in text.splitlines() if "|" in line)}
 
 
 def wait(job_ids: list[str], timeout: float, poll: float = 2.0) -> dict[str, str]:

@@ -18,8 +18,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -47,7 +49,7 @@ from oplora.export import export_adapter, save_initial
 from oplora.io import atomic_write_text, cache_root, file_sha256, read_json
 from oplora.methods import AdapterSettings, build, get_method
 from oplora.methods.base import check_rank, target_shapes
-from oplora.models import compute_dtype, weights_digest
+from oplora.models import check_gpu, compute_dtype, weights_digest
 from oplora.record import as_dict, config_hash, provenance
 from oplora.resources import resolve
 from oplora.rundir import RunDir
@@ -211,6 +213,28 @@ class StopOnNonFinite(TrainerCallback):
                                  "(lower train.lr, or check the data)")
 
 
+class Preempted(RuntimeError):
+    """Training stopped on SIGUSR1 (SLURM's warning before the time limit) after saving a checkpoint."""
+
+
+class CheckpointOnSignal(TrainerCallback):
+    """On SIGUSR1 (`launcher.signal_seconds` before a SLURM job's time limit), save a checkpoint at the end of the
+    current step and stop: the requeued job resumes from it instead of losing up to `save_steps` of work."""
+
+    def __init__(self):
+        self.received = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self.handle)
+
+    def handle(self, signum, frame):
+        log.warning("SIGUSR1: saving a checkpoint at the end of this step, then stopping (the job requeues)")
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = control.should_training_stop = True
+
+
 def check_final_weights(trainer: Trainer, step: int) -> None:
     """The logged losses were computed before each step's update: check the weights after the last one (finite,
     and a finite loss on one training batch) before anything is exported."""
@@ -264,6 +288,7 @@ def validate(cfg: DictConfig) -> AdapterSettings:
     the values, the method and its settings, the batch split, the data file and its fields, and the ranks
     against the model's shapes (built on the meta device from its config: no weights are loaded)."""
     check_config(cfg)
+    check_gpu(cfg.model)
     settings = adapter_settings(cfg)
     batch_split(cfg.train)
     if data.local_file(cfg.data.path):
@@ -308,7 +333,8 @@ def train(cfg: DictConfig) -> Path:
             save_initial(model, initial)
     model.print_trainable_parameters()
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[StopOnNonFinite()],
+    on_signal = CheckpointOnSignal()
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[StopOnNonFinite(), on_signal],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE))
     checkpoint = last_checkpoint(args.output_dir)
     final = checkpoint and final_state(checkpoint)
@@ -320,6 +346,9 @@ def train(cfg: DictConfig) -> Path:
         log.info("resuming from %s", checkpoint) if checkpoint else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics, history = result.metrics, trainer.state.log_history
+        if on_signal.received:
+            raise Preempted(f"stopped on SIGUSR1 at step {trainer.state.global_step}: checkpoint saved in "
+                            f"{run.checkpoints}; rerun (or the requeued job) resumes from it")
     check_final_weights(trainer, history[-1]["step"] if history else 0)
 
     if trainer.is_world_process_zero():

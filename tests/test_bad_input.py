@@ -50,8 +50,10 @@ def test_lora_null_without_calibration(tiny_dirs, tmp_path):
     (tmp_path / "empty.jsonl").write_text('{"question": ""}\n')
     refused(tiny_dirs, lora_null(source=str(tmp_path / "empty.jsonl"), field="question"), "empty.jsonl holds no text",
             tmp_path)
-    refused(tiny_dirs, lora_null(source=str(tmp_path / "empty.jsonl")), "empty.jsonl: cannot read field 'text'",
-            tmp_path)
+    refused(tiny_dirs, lora_null(source=str(tmp_path / "empty.jsonl"), field="text"),
+            "empty.jsonl: cannot read field 'text'", tmp_path)
+    refused(tiny_dirs, lora_null(source="no-such-org/corpus"), r"calibration corpus no-such-org/corpus .*make fetch",
+            tmp_path)  # offline and not cached: named before any model loads
 
 
 def test_unknown_method_setting_lists_the_valid_ones(tiny_dirs, tmp_path):

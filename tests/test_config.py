@@ -107,10 +107,13 @@ def test_bad_values_are_refused(override, message):
         check_config(compose(override))
 
 
+NQ_OPEN = "google-research-datasets/nq_open"
+
+
 def test_unknown_method_name_and_missing_calibration():
     with pytest.raises(ValueError, match="unknown method 'dora'; valid methods"):
         adapter_settings(compose("method.name=dora"))
-    assert adapter_settings(compose("method=lora_null")).options["calibration"]["source"] is None  # the method refuses
+    assert adapter_settings(compose("method=lora_null")).options["calibration"]["source"] == NQ_OPEN  # official
     with_source = adapter_settings(compose("method=lora_null", "calibration.source=nq.txt"))
     assert with_source.options["calibration"]["source"] == "nq.txt"
 

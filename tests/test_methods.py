@@ -71,7 +71,8 @@ def test_lora_null_rows_of_a_lie_in_the_activation_null_space(tiny_dirs, arch, s
     s = settings("lora_null", calibration_file)
     _, model = adapt(tiny_dirs[arch], s, svd)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[arch])
-    batches = calibration.windows(tokenizer, calibration.read_documents(calibration_file), 6, 48, 233)
+    text = calibration.corpus(calibration.CalibrationSettings(**s.options["calibration"]))
+    batches = calibration.windows(tokenizer, text, 6, 48, 233)
     layers = dict(lora_layers(model))
     # adapters stay on: W_res + s·B A = W, so each layer sees the original model's activations
     covs = calibration.covariances(model, {n: layer.base_layer for n, layer in layers.items()}, batches)

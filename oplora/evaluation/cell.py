@@ -24,7 +24,7 @@ from oplora.config import trains
 from oplora.evaluation import STAGES
 from oplora.evaluation.target import Target, merged_dir
 from oplora.io import CorruptFile, atomic_write_text, content_digest, content_hash, file_sha256, read_json
-from oplora.models import compute_dtype
+from oplora.models import check_gpu, compute_dtype
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.resources import PREFIX, resolve
 from oplora.rundir import RunDir
@@ -150,6 +150,7 @@ def local_data(settings, found: dict | None = None) -> dict[str, str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, tuple[Path, bool]]:
     """Every stage the columns need (or `eval.only`): {stage: (result file, whether it ran)}."""
+    check_gpu(cfg.model)
     RunDir(cfg.output_dir).remove_stale_temporaries()
     target, chash = target_for(cfg)
     wanted = stage_tasks(cfg.eval.columns)

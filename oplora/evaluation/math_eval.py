@@ -121,5 +121,6 @@ class Stage:
         n = len(samples)
         return {"metrics": {task: {"metric": "exact_match", "value": accuracy, "stderr": binomial_stderr(accuracy, n),
                                    "n": n}},
-                "details": {task: {"samples": str(path), "data": resolve(spec["path"]),
+                "details": {task: {"samples": str(path), "data": resolve(spec["path"]), "data_config": spec.get("name"),
+                                   "split": spec["split"], "rows": n,
                                    "backend": self.backend, "correct": sum(s["correct"] for s in samples)}}}

@@ -49,9 +49,9 @@ class LoRANull(Method):
                              f"valid versions: {', '.join(VERSIONS)}")
         source = options.calibration.source
         if not source:
-            raise ValueError("lora_null needs calibration data: set calibration.source=PATH "
-                             "(a local text or jsonl file)")
-        calibration.read_documents(source, options.calibration.field)  # names the file if missing or empty
+            raise ValueError("lora_null needs calibration data: set calibration.source to a hub dataset id "
+                             "(default google-research-datasets/nq_open) or a local .txt/.json/.jsonl file")
+        calibration.read_documents(options.calibration)  # before the model loads: names a missing file or hub id
 
     def initialize(self, model, settings, svd, tokenizer=None):
         if tokenizer is None:

@@ -1,0 +1,129 @@
+"""The GPU-cluster path's own guards: no silent CPU fallback, SIGUSR1 checkpoints and requeues, final states from
+sacct, resources per step. (The whole path end to end is rehearsed in test_rehearse.py.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_slurm import SETTINGS
+from test_train import overrides
+
+from helpers import compose
+from oplora.graph import GRAPH
+from oplora.grid import Cell
+from oplora.launch import pipeline_jobs
+from oplora.models import check_gpu, compute_dtype
+from oplora.pipeline import run
+from oplora.slurm import Step, parse_sacct, render, submit, wait
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_gpu_model_without_a_gpu_fails_at_once_naming_the_driver(tmp_path):
+    cfg = compose("experiment=table2", f"output_dir={tmp_path}/run", f"pipeline.results_dir={tmp_path}/tables")
+    with pytest.raises(RuntimeError, match=r"(?s)torch sees no GPU.*nvidia-smi.*index-url"):
+        check_gpu(cfg.model)
+    assert compute_dtype(cfg.model) == "bfloat16"  # the CPU steps of a GPU run read the weights as training does
+    with pytest.raises(RuntimeError, match="torch sees no GPU"):
+        run(cfg, ["experiment=table2", f"output_dir={tmp_path}/run", f"pipeline.results_dir={tmp_path}/tables"])
+    assert not any(tmp_path.iterdir())  # refused before fetch, svd or any run directory
+    rehearsal = compose("experiment=table2", "model.device=auto")
+    check_gpu(rehearsal.model)
+    assert compute_dtype(rehearsal.model) == "float32"
+    with pytest.raises(ValueError, match="model.device='gpu' is not valid; choose one of auto, cuda"):
+        check_gpu(compose("model.device=gpu").model)
+
+
+def test_sigusr1_saves_a_checkpoint_and_the_rerun_resumes(data_files, calibration_file, tmp_path):
+    """SLURM's warning before the time limit: training checkpoints at the end of the step it is in and stops
+    (Preempted, nothing exported); the same command (the requeued job) resumes from that checkpoint."""
+    out = tmp_path / "run"
+    args = [a.replace("train.max_steps=3", "train.max_steps=60") for a in overrides(
+        data_files, calibration_file, out, "oplora16", "tiny-llama", "train.save_steps=1000")]
+    command = [sys.executable, "-m", "oplora.train", *args]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if "'loss'" in line:  # logging_steps=1: training has started
+            child.send_signal(signal.SIGUSR1)
+            break
+    lines += child.stdout.readlines()
+    log = "".join(lines)
+    assert child.wait() != 0 and "Preempted: stopped on SIGUSR1 at step" in log, log[-3000:]
+    (checkpoint,) = (out / "checkpoints").glob("checkpoint-*")
+    assert 0 < int(checkpoint.name.rsplit("-", 1)[1]) < 60 and not (out / "run.json").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "run.json").read_text())["log_history"][-1]["step"] == 60
+
+
+def test_the_job_script_requeues_on_sigusr1(cluster, tmp_path):
+    """A real job: SIGUSR1 to the batch shell (what --signal=B:USR1@N sends near the time limit) reaches the
+    step's process, the job requeues itself and its second run finishes: COMPLETED."""
+    marker = tmp_path / "started"
+    program = (f"import pathlib, signal, sys, time; p = pathlib.Path('{marker}'); first = not p.exists(); "
+               "p.write_text('x'); signal.signal(signal.SIGUSR1, lambda *a: sys.exit(3)); "
+               "time.sleep(120 if first else 0)")
+    settings = {**SETTINGS, "signal_seconds": 60}
+    text = render(Step("work", f"{sys.executable} -c \"{program}\""), settings, tmp_path, "sig", tmp_path, {})
+    assert "#SBATCH --signal=B:USR1@60" in text and "trap requeue USR1" in text
+    ids = submit([Step("work", f"{sys.executable} -c \"{program}\"")], settings, tmp_path, "sig", tmp_path)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", ids["work"]], check=True)
+    while "Restarts=1" not in (job := subprocess.run(["scontrol", "show", "job", ids["work"]], capture_output=True,
+                                                     text=True).stdout) and time.monotonic() < deadline + 60:
+        time.sleep(0.5)
+    assert "Restarts=1" in job and "JobState=PENDING" in job  # requeued by its own script
+    subprocess.run(["scontrol", "update", f"JobId={ids['work']}", "StartTime=now"], check=True)  # skip the delay
+    assert wait([ids["work"]], timeout=120, poll=1) == {ids["work"]: "COMPLETED"}
+    log = next((tmp_path / "logs").glob("*.out")).read_text()
+    assert "time limit near: checkpointing, then requeueing" in log and log.count("host=") == 2
+
+
+def test_final_states_from_sacct_lines():
+    # `sacct -n -P -X -o JobID,State` as SLURM prints it for a job array and a cancelled job
+    assert parse_sacct("120_0|COMPLETED\n120_1|FAILED\n121|CANCELLED by 0\n") == {
+        "120_0": "COMPLETED", "120_1": "FAILED", "121": "CANCELLED"}
+
+
+def test_resources_per_step():
+    cells = {Cell("lora", 1): compose("method=lora"), Cell("base", 1): compose("method=base")}
+    jobs = {j.name: j for j in pipeline_jobs("python", [], cells, gpus=1)}
+    assert "fetch" not in jobs and jobs["svd"].after == ()  # fetch runs where the pipeline is launched
+    assert {n: j.gpus for n, j in jobs.items()} == {"svd": 0, "train": None, "diagnose": 0, "eval": None,
+                                                    "collect": 0}
+    moved = {j.name: j.gpus for j in pipeline_jobs("python", [], cells, gpus=1, resources={"svd": "gpu"})}
+    assert moved["svd"] is None
+    with pytest.raises(ValueError, match="step_resources=.*'fetcher'"):
+        pipeline_jobs("python", [], cells, gpus=1, resources={"fetcher": "cpu"})
+    assert [s.name for s in GRAPH][0] == "fetch"
+
+
+def test_calibration_windows_are_built_as_the_official_code_builds_them(smollm2):
+    """LoRA-Null's get_calib_data: random.seed(seed); per window a character offset randint(0, len − seq_len − 1),
+    the next 10·seq_len characters tokenized with the tokenizer's default special tokens, the first seq_len kept."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from oplora.calibration import windows
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    text = "\n\n".join(f"who wrote the anthem of country number {i}?" for i in range(300))
+    draw = random.Random(233)
+    expected = []
+    for _ in range(5):
+        start = draw.randint(0, len(text) - 16 - 1)
+        expected.append(tokenizer(text[start:start + 160], return_tensors="pt").input_ids[0][:16].tolist())
+    assert [w.tolist() for w in windows(tokenizer, text, 5, 16, 233)] == expected
