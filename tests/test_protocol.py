@@ -60,3 +60,29 @@ def test_race_v2_is_lm_eval_049s_race():
                     "Answer: Oslo\nWhat is the article about?")  # 0.4.9's rendering of the blank
     assert installed.doc_to_text(doc) != text and "The boy has a dog" in installed.doc_to_text(doc).replace("  ", " ")
     assert task["doc_to_choice"](doc) == installed.doc_to_choice(doc) and task["doc_to_target"](doc) == 2
+
+
+def test_protocol_md_is_generated_from_the_configs_and_current():
+    from oplora.protocol import markdown
+
+    text = markdown()
+    assert (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text() == text, \
+        "PROTOCOL.md is stale: run python -m oplora.protocol"
+    for row in ("| `eval.lm_eval.add_bos_token` | `false` | paper: lm_eval 0.4.9",
+                "| `eval.evalplus.prompt` | `evalplus` | paper:", "| `data.filter.lang` | `python` | reference: PiSSA",
+                "| `eval.columns.RACE` | `lm_eval race_v2 (forget)` | paper:", "| `svd_mode` | `exact` | ours:"):
+        assert row in text, row
+
+
+def test_source_comments_follow_nesting_columns_and_group_choices(tmp_path):
+    from oplora.protocol import source_of, sources
+
+    (tmp_path / "x.yaml").write_text(
+        "defaults:\n  - override /model: llama2-7b   # paper: table 2\n"
+        "a:\n  b: 1        # ours: because\n  c:\n    d: 2   # reference: repo/file.py\n"
+        "  e: {f: 3}    # paper: §4\nplain: 4   # a comment, not a source\n"
+        "columns:\n  - {label: RACE, stage: lm_eval}   # paper: table 2's RACE\n")
+    found = sources(tmp_path / "x.yaml", "eval.")
+    assert found == {"model": "paper: table 2", "eval.a.b": "ours: because", "eval.a.c.d": "reference: repo/file.py",
+                     "eval.a.e": "paper: §4", "eval.columns.RACE": "paper: table 2's RACE"}
+    assert source_of(found, "eval.a.e.f") == "paper: §4" and source_of(found, "eval.plain") == "—"
