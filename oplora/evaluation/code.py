@@ -23,14 +23,14 @@ import tempfile
 from pathlib import Path
 
 from oplora import sandbox
+from oplora.evaluation import evalplus_cli
 from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
+from oplora.evaluation.evalplus_cli import CAP_ENV, TEMPLATE_ENV
 from oplora.io import atomic_write_text, file_sha256
 from oplora.prompt import PROMPT
 
 OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
-CAP_ENV = "OPLORA_EVALPLUS_MAX_NEW_TOKENS"
-TEMPLATE_ENV = "OPLORA_EVALPLUS_TEMPLATE"
-CLI = Path(__file__).with_name("evalplus_cli.py").read_text()  # evalplus's CLI, adjusted; runs without oplora
+CLI = Path(evalplus_cli.__file__).read_text()  # evalplus's CLI, adjusted; runs as `python -c` without oplora
 # How codegen prompts (eval.evalplus.prompt): evalplus's default (the chat template when the tokenizer has one, else
 # the raw problem), the raw problem always (`--force_base_prompt`), or the training prompt (Alpaca, as PiSSA's recipe)
 PROMPT_MODES = ("evalplus", "base", "alpaca")

@@ -1,8 +1,8 @@
 """evalplus's own CLI, run as `python -c <this file's text> <codegen|evaluate> <args>` (it never imports oplora).
 
-Three adjustments, each through an environment variable:
-- OPLORA_EVALPLUS_MAX_NEW_TOKENS: the cap of evalplus's decoders (no option sets their max_new_tokens of 768);
-- OPLORA_EVALPLUS_TEMPLATE: a prompt template with `{query}` (the training prompt): every decoder then prompts with
+Three adjustments, the first two through environment variables:
+- CAP_ENV: the cap of evalplus's decoders (no option sets their max_new_tokens of 768);
+- TEMPLATE_ENV: a prompt template with `{query}` (the training prompt): every decoder then prompts with
   it instead of the raw problem or a chat template, and stops at the end of a code block, as with a chat template;
   evalplus's sanitizer extracts the code from the response;
 - evaluate's watchdog thread becomes a daemon: as a plain thread it holds the finished process for up to 20 s.
@@ -14,6 +14,9 @@ import os
 import sys
 import threading
 import types
+
+CAP_ENV = "OPLORA_EVALPLUS_MAX_NEW_TOKENS"
+TEMPLATE_ENV = "OPLORA_EVALPLUS_TEMPLATE"
 
 
 def cap_new_tokens(cap: int) -> None:
@@ -39,9 +42,9 @@ def prompt_with(template: str) -> None:
 def main(step: str, args: list[str]) -> None:
     from fire import Fire
 
-    if cap := os.environ.get("OPLORA_EVALPLUS_MAX_NEW_TOKENS"):
+    if cap := os.environ.get(CAP_ENV):
         cap_new_tokens(int(cap))
-    if template := os.environ.get("OPLORA_EVALPLUS_TEMPLATE"):
+    if template := os.environ.get(TEMPLATE_ENV):
         prompt_with(template)
     cli = importlib.import_module("evalplus." + step)
     cli.threading = types.SimpleNamespace(Thread=functools.partial(threading.Thread, daemon=True))
