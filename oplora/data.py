@@ -121,7 +121,7 @@ def select(records: datasets.Dataset, path: str, wanted: dict | None) -> dataset
 
 
 def encode(record: dict, tokenizer, query: str, response: str, max_length: int) -> dict:
-    """Prompt + response + "\n" + EOS tokenized together, the prompt's own token count masked (PiSSA's train.py)."""
+    """Prompt + response + "\\n" + EOS tokenized together, the prompt's own token count masked (PiSSA's train.py)."""
     prompt = PROMPT.format(query=query.format(**record))
     ids = tokenizer(prompt + response.format(**record) + "\n" + tokenizer.eos_token).input_ids
     n_prompt = len(tokenizer(prompt).input_ids)
