@@ -1,14 +1,19 @@
 """Instruction data: hub ids or local json/jsonl, the Alpaca prompt, prompt tokens masked from the loss.
 
-A record becomes `PROMPT.format(query=…)` followed by the response and EOS; labels are -100 on the
-prompt so that only the response is learned (as PiSSA, MiLoRA and LoRA-Null train). Which record
-fields fill the query and the response is a format string in the data config. Tokenized datasets
-are cached on disk by a hash of everything that decides their content.
+A record becomes `PROMPT.format(query=…)` followed by the response, a newline and EOS, tokenized as one text;
+labels are -100 on as many leading tokens as the prompt alone tokenizes to, so that only the response is learned
+(PiSSA's train.py: `preprocess` and `train_tokenize_function`, which MiLoRA and LoRA-Null reuse). Tokenizing the
+response apart would start it with a word-start token (SentencePiece's "▁") that the joint text does not have.
+Which record fields fill the query and the response is a format string in the data config; `filter` keeps the
+records whose fields equal the given values (CodeFeedback's Python subset: `{lang: python}`). Tokenized datasets
+are cached on disk by a hash of everything that shapes the tokens: data, settings, the prompt, the tokenizer's
+content and this module's encoding code.
 """
 
 from __future__ import annotations
 
 import codecs
+import inspect
 import logging
 import string
 from pathlib import Path
@@ -62,8 +67,10 @@ def content_key(path: str) -> str | None:
     return content_digest(local) if local else None
 
 
-def load_records(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
-    """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; `limit` keeps the first rows."""
+def load_records(path: str, split: str = "train", limit: int | None = None,
+                 wanted: dict | None = None) -> datasets.Dataset:
+    """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; the records matching `wanted`
+    (`select`), of which `limit` keeps the first."""
     check_limit(limit)
     local = local_file(path)
     if local:
@@ -77,6 +84,7 @@ def load_records(path: str, split: str = "train", limit: int | None = None) -> d
         records = datasets.load_dataset(path, split=split)
     if len(records) == 0:
         raise ValueError(f"data {path} ({split}) is empty")
+    records = select(records, path, wanted)
     if limit:
         records = records.select(range(min(limit, len(records))))
     return records
@@ -99,21 +107,43 @@ def check_fields(records: datasets.Dataset, path: str, *templates: str) -> None:
                              "missing); fix or drop that record")
 
 
+def select(records: datasets.Dataset, path: str, wanted: dict | None) -> datasets.Dataset:
+    """The records whose fields equal `wanted` ({field: value}; None keeps all); an empty selection is an error."""
+    if not wanted:
+        return records
+    check_fields(records, path, *(f"{{{field}}}" for field in wanted))
+    kept = records.filter(lambda record: all(record[f] == v for f, v in wanted.items()), desc="data.filter")
+    if len(kept) == 0:
+        found = {f: sorted(set(records[f]))[:20] for f in wanted}
+        raise ValueError(f"data {path}: no record matches data.filter={wanted}; the values found are {found}")
+    log.info("data %s: %d of %d records match data.filter=%s", path, len(kept), len(records), wanted)
+    return kept
+
+
 def encode(record: dict, tokenizer, query: str, response: str, max_length: int) -> dict:
+    """Prompt + response + "\\n" + EOS tokenized together, the prompt's own token count masked (PiSSA's train.py)."""
     prompt = PROMPT.format(query=query.format(**record))
-    prompt_ids = tokenizer(prompt).input_ids
-    response_ids = tokenizer(response.format(**record), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels, "truncated": len(prompt_ids) + len(response_ids) > max_length}
+    ids = tokenizer(prompt + response.format(**record) + "\n" + tokenizer.eos_token).input_ids
+    n_prompt = len(tokenizer(prompt).input_ids)
+    labels = [IGNORE] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """The tokenizer's content (vocabulary, merges, normalisation, special tokens and what it adds to a text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return content_hash([type(tokenizer).__name__, tokenizer.special_tokens_map,
+                         backend.to_str() if backend else sorted(tokenizer.get_vocab().items())])
 
 
 def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
     """The training set of a data config, tokenized (cached), with fully masked examples dropped."""
-    records = load_records(cfg.path, cfg.split, cfg.limit)
+    wanted = dict(cfg.get("filter") or {})
+    records = load_records(cfg.path, cfg.split, cfg.limit, wanted)
     check_fields(records, cfg.path, cfg.query, cfg.response)
-    key = content_hash([cfg.path, cfg.split, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
-                        tokenizer.name_or_path, len(tokenizer), content_key(cfg.path) or records._fingerprint])
+    key = content_hash([cfg.path, cfg.split, wanted, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
+                        tokenizer_digest(tokenizer), inspect.getsource(encode),
+                        content_key(cfg.path) or records._fingerprint])
     cache = cache_dir / "data" / f"{cfg.name}-{key[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache

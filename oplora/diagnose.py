@@ -1,7 +1,11 @@
 """How much an adapter's update touches the dominant singular subspace of the ORIGINAL weights.
 
-For each adapted matrix W (m×n) with update ΔW (the effective update against the original W, so
-W_res + s·B A − W for base-mutating methods) and top singular triples (u_i, σ_i, v_i) of W:
+ΔW is by default the effective update against the original W: W_res + s·B A − W = s(B A − B₀A₀) for the
+base-mutating methods (PiSSA, MiLoRA, LoRA-Null), what the exported adapter holds. The other reading, the trained
+product s·B A including its initial value s·B₀A₀ (which PiSSA puts in the top singular directions by construction),
+is `initial=` the initial adapter (`--initial DIR`): the report then says `"delta": "trained"`. For LoRA and OPLoRA
+both readings are the same.
+For each adapted matrix W (m×n) with update ΔW and top singular triples (u_i, σ_i, v_i) of W:
 
 - rho[k]            = ‖U_kᵀ ΔW‖²_F / ‖ΔW‖²_F                      (the paper's ρ_k, figure 2a)
 - preservation_error[k] = max_{i≤k} |u_iᵀ (W+ΔW) v_i − u_iᵀ W v_i| / σ_1   (shift of each preserved σ_i)
@@ -121,10 +125,21 @@ def diagnose(original: Mapping[str, torch.Tensor], deltas: Mapping[str, Factors 
 
 
 def diagnose_adapter(base: str | Path, adapter: str | Path, ks: list[int], svd: SVDCache,
-                     dtype: torch.dtype | None = None) -> dict:
-    """`diagnose` of a saved adapter against the base's own files, one matrix in memory at a time."""
+                     dtype: torch.dtype | None = None, initial: str | Path | None = None) -> dict:
+    """`diagnose` of a saved adapter against the base's own files, one matrix in memory at a time; with `initial`
+    (the initial adapter of a base-mutating method), of the trained s·B A = s(B A − B₀A₀) + s·B₀A₀."""
     factors = adapter_factors(adapter)
-    return diagnose(LazyWeights(base, sorted(factors), dtype), factors, sorted(set(ks)), svd)
+    if initial is not None:
+        initial_factors = adapter_factors(initial)
+        factors = {name: stacked(f, initial_factors[name]) for name, f in factors.items()}
+    report = diagnose(LazyWeights(base, sorted(factors), dtype), factors, sorted(set(ks)), svd)
+    return {"delta": "trained" if initial is not None else "effective", **report}
+
+
+def stacked(first: Factors, second: Factors) -> Factors:
+    """The factors of first + second (rank r₁ + r₂): [s₁B₁, s₂B₂] · [A₁; A₂]."""
+    B = torch.cat([first.scaling * first.B.double(), second.scaling * second.B.double()], dim=1)
+    return Factors(B, torch.cat([first.A.double(), second.A.double()], dim=0))
 
 
 def unreadable(path: Path, err: Exception) -> ValueError:
@@ -238,11 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("adapter", help="plain PEFT LoRA adapter directory")
     parser.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--out", help="write the JSON report here instead of stdout")
+    parser.add_argument("--initial", help="the initial adapter of PiSSA / MiLoRA / LoRA-Null: measure the trained "
+                                          "s·B A (with its initial value) instead of the effective update")
     parser.add_argument("--svd-mode", default="exact", choices=MODES)
     parser.add_argument("--device", default="auto", help="where the SVD and its verification run (auto: CUDA if any)")
     parser.add_argument("--cache", help="SVD cache root (default: $OPLORA_CACHE or ~/.cache/oplora)")
     args = parser.parse_args(argv)
-    report = diagnose_adapter(args.base, args.adapter, args.k, SVDCache(args.cache, args.svd_mode, device=args.device))
+    report = diagnose_adapter(args.base, args.adapter, args.k, SVDCache(args.cache, args.svd_mode, device=args.device),
+                              initial=args.initial)
     report.update(base=str(args.base), adapter=str(args.adapter))
     text = json.dumps(report, indent=2)
     if args.out:

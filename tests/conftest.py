@@ -63,7 +63,8 @@ RECORDS = {  # one real-schema record per training set (SPEC §2); the tests var
         "response": f"{i} plus {2 * i} is {3 * i}.\nThe answer is: {3 * i}"},
     "codefeedback": lambda i: {
         "query": f"Write a Python function that returns {i} times its argument.",
-        "answer": f"```python\ndef times_{i}(x):\n    return {i} * x\n```"},
+        "answer": f"```python\ndef times_{i}(x):\n    return {i} * x\n```",
+        "lang": "javascript" if i % 4 == 3 else "python"},  # 36 of 48 in the Python subset
 }
 
 

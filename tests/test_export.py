@@ -126,3 +126,22 @@ def test_factor_form_diagnostics_equal_the_dense_form(tiny_dirs, svd, calibratio
                 for k, value in by_k.items():
                     got = report["modules"][module][key][k]  # all four are dimensionless (÷ σ₁ or ‖ΔW‖)
                     assert got == pytest.approx(value, rel=1e-10, abs=1e-14), (name, module, key, k)
+
+
+def test_pissa_rho_of_the_trained_product_includes_its_initial_value(tiny_dirs, svd, calibration_file, tmp_path):
+    from oplora.diagnose import diagnose_adapter, rho
+    from oplora.methods.base import lora_layers
+
+    base, ks = tiny_dirs["llama"], [4, 8]
+    _, model, adapter = trained_and_exported(base, "pissa", {}, svd, calibration_file, tmp_path, steps=2)
+    effective = diagnose_adapter(base, adapter, ks, svd)
+    trained = diagnose_adapter(base, adapter, ks, svd, initial=tmp_path / "initial_adapter")
+    assert (effective["delta"], trained["delta"]) == ("effective", "trained")
+    original = load(base).state_dict()
+    for name, layer in lora_layers(model):
+        with torch.no_grad():
+            product = layer.get_delta_weight("default").double()  # s·B A of the trained factors
+        U = svd.top(original[f"{name}.weight"], max(ks)).U
+        assert trained["modules"][name]["rho"]["8"] == pytest.approx(rho(product, U, ks)[8], rel=1e-9)
+    rho_8 = lambda report: report["aggregate"]["rho_mean"]["8"]  # noqa: E731
+    assert rho_8(trained) > 0.9 > rho_8(effective)  # PiSSA's s·B A starts as W's top-r part

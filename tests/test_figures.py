@@ -7,7 +7,7 @@ import warnings
 import matplotlib.image as mpimg
 import pytest
 
-from oplora.figures import figure2, order_by_rho
+from oplora.figures import figure2, order_by_rho, paper_rho
 
 KS = (8, 16, 32, 64, 128)
 
@@ -80,3 +80,30 @@ def test_error_bars_over_seeds_are_drawn_only_when_given(tmp_path):
     spread = mpimg.imread(figure2(rho, forgetting, tmp_path / "spread", errors=dict.fromkeys(forgetting, 1.5))[0])
     assert (plain == single).all()  # one seed: no standard error, the same figure
     assert (plain != spread).any()
+
+
+def test_the_papers_quoted_values_are_drawn_beside_ours(tmp_path):
+    rho, forgetting = _inputs()
+    quoted = paper_rho("llama2-7b", "model.layers.0.self_attn.q_proj")
+    assert quoted == {"OPLoRA-128": [(128, 0.003, "="), *((k, 1.4e-5, "<") for k in (64, 32, 16, 8))]}
+    assert paper_rho("smollm2-135m", "model.layers.0.self_attn.q_proj") == {}
+    plain = mpimg.imread(figure2(rho, forgetting, tmp_path / "plain")[0])
+    with_paper = mpimg.imread(figure2(rho, forgetting, tmp_path / "paper", paper=(quoted, {"LoRA": 49.64}))[0])
+    assert (plain != with_paper).any()
+    assert (plain == mpimg.imread(figure2(rho, forgetting, tmp_path / "none", paper=({}, {}))[0])).all()
+
+
+@pytest.mark.parametrize("experiment,holds", [("table2", False), ("table4", True), ("table6", True)])
+def test_figure2b_statement_holds_for_table4_and_table6_not_table2(experiment, holds):
+    """"Both OPLoRA variants outperform all baselines … OPLoRA-128 yields the highest average" (figure 2b), checked
+    on the forgetting averages of the paper's LLaMA-2 tables: `make figure2` draws table 4's."""
+    from helpers import compose
+    from oplora.tables import paper_table
+
+    cfg = compose(f"experiment={experiment}")
+    table, _, _ = paper_table(experiment, [{"label": c.label, "role": c.role} for c in cfg.eval.columns])
+    average = {name: table.forget_avg(name) for name in table.rows}
+    baselines = max(v for name, v in average.items() if not name.startswith("OPLoRA"))
+    statement = min(average["OPLoRA-16"], average["OPLoRA-128"]) > baselines and max(average, key=average.get) == \
+        "OPLoRA-128"
+    assert statement == holds

@@ -213,3 +213,26 @@ def test_sharded_build_splits_by_layer_and_fills_the_same_cache(tmp_path):
     assert build(cache, names, matrices.__getitem__, top=8) == 0  # one unsharded pass finds everything
     with pytest.raises(ValueError, match="shard 3"):
         shard_names(names, 3, 3)
+
+
+def test_lowrank_mode_is_the_papers_projection_and_leaks(tmp_path):
+    """torch.svd_lowrank(W, q=k) with its defaults (the paper's): an OPLoRA update projected with its U_k, V_k leaks
+    into the true top-k subspace (the paper's ρ_128 = 0.003); the exact default does not."""
+    from oplora.diagnose import rho
+
+    W = spectrum_matrix(512, 512).float()  # σ_i ∝ i^-0.8
+    g = torch.Generator().manual_seed(1)
+    B, A = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((512, 16), (16, 512)))
+    truth = SVDCache(tmp_path / "exact").top(W, 128).U
+    leakage = {}
+    for mode in ("exact", "lowrank"):
+        U, _, V, residual = SVDCache(tmp_path / mode, mode=mode).top(W, 128)
+        U, V = U.double(), V.double()
+        leakage[mode] = rho((B - U @ (U.T @ B)) @ (A - (A @ V) @ V.T), truth, [64, 128])
+        assert (residual > 1e-4) == (mode == "lowrank")
+    assert leakage["exact"][128] < 1e-10 and leakage["lowrank"][128] > 1e-4
+    assert leakage["lowrank"][64] < leakage["lowrank"][128]  # the tail of the 128 is the least accurate
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, S, _ = torch.svd_lowrank(W, q=128, niter=2)
+    assert torch.equal(SVDCache(tmp_path / "lowrank", mode="lowrank").top(W, 128).S, S.float())

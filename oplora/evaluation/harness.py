@@ -4,6 +4,8 @@ Tasks are lm_eval task names, built-in or from YAML directories on `include_path
 offline). Each task runs on its own so that a killed stage resumes after its last finished task.
 The reported number is the first metric of `metrics` the task has (acc_norm before acc by default,
 the paper's published numbers match that choice); every metric lm_eval computed is kept as detail.
+`add_bos_token` is passed to HFLM as set (false: lm_eval 0.4.9's behaviour, the paper's; null: the tokenizer's own
+default, 0.4.13's) and the value the model used is recorded with each task.
 Tasks that execute generated code (mbpp: HF code_eval) run it only in the sandbox (`evaluation/code_eval.py`).
 """
 
@@ -47,7 +49,7 @@ def load_lm(target: Target, settings: dict, merged: str | None):
     return HFLM(pretrained=merged or target.base, peft=None if merged else target.adapter,
                 dtype=target.dtype, device="cuda" if gpu else "cpu",
                 batch_size=settings["batch_size"] if gpu else settings["cpu_batch_size"],
-                trust_remote_code=target.trust_remote_code)
+                trust_remote_code=target.trust_remote_code, add_bos_token=settings["add_bos_token"])
 
 
 def pick(results: dict, preferred: list[str]) -> tuple[str, float, float | None]:
@@ -92,6 +94,7 @@ def evaluate_task(lm, task: str, settings: dict, limit: int | None, samples_path
     return {"metrics": {task: {"metric": metric, "value": value, "stderr": stderr, "n": n}},
             "details": {task: {"results": results, "version": out["versions"].get(task),
                                "n_shot": out["n-shot"].get(task), "n_samples": out["n-samples"].get(task),
+                               "add_bos_token": lm.add_bos_token,
                                "samples": str(samples_path)}}}
 
 
