@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -10,9 +8,9 @@ os.environ["WANDB_MODE"] = "offline"  # tests never reach a W&B server, whatever
 
 import pytest  # noqa: E402
 
+from helpers import start_cluster  # noqa: E402
 from oplora.demo_data import MC_TASK  # noqa: E402
 from oplora.models import smollm2_dir, tiny_dir  # noqa: E402
-from oplora.slurm import available  # noqa: E402
 from oplora.svd import SVDCache  # noqa: E402
 
 ARCHS = ("llama", "qwen2")
@@ -101,19 +99,9 @@ def tasks(tmp_path_factory):
     return root
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="session")
 def cluster():
-    """Start (or check) the local cluster; skip with the script's message when it cannot run."""
-    try:
-        result = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh")], capture_output=True,
-                                text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("slurm/local-cluster.sh did not finish within 300 s")
-    if result.returncode != 0:
-        pytest.skip(f"no local SLURM: {(result.stderr or result.stdout).strip()}")
-    reason = available()
+    """The local cluster; skip with the script's message when it cannot run."""
+    reason = start_cluster()
     if reason:
-        pytest.skip(f"no local SLURM: {reason}")
+        pytest.skip(reason)

@@ -1,10 +1,14 @@
 """Plain helpers shared by the tests (fixtures live in conftest.py)."""
 
+import subprocess
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.config import compose as compose_overrides
 from oplora.methods import AdapterSettings, build
+from oplora.slurm import available
 from oplora.svd import SVDCache
 
 
@@ -68,3 +72,16 @@ def eval_overrides(tasks_dir, *extra):
     columns = ("[{label:Capitals,stage:lm_eval,task:toy_capitals,role:finetune},"
                "{label:Sums,stage:lm_eval,task:toy_sums,role:forget}]")
     return [f"eval.columns={columns}", f"eval.lm_eval.include_path=[{tasks_dir}]", *extra]
+
+
+def start_cluster() -> str | None:
+    """Start (or check) the local cluster: None when it is up, else why not."""
+    try:
+        script = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
+        result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "slurm/local-cluster.sh did not finish within 300 s"
+    if result.returncode != 0:
+        return f"no local SLURM: {(result.stderr or result.stdout).strip()}"
+    reason = available()
+    return f"no local SLURM: {reason}" if reason else None

@@ -30,9 +30,19 @@ SAMPLE_SKIP = ("doc", "arguments", "resps", "filtered_resps", "doc_id", "target"
 
 
 @functools.cache
+def _environment_report_once() -> None:
+    """simple_evaluate records torch's environment report with every task; it runs about ten subprocesses (pip,
+    nvidia-smi, …: 0.6 s a task) and cannot change within a process, so it is computed once."""
+    import torch.utils.collect_env
+
+    torch.utils.collect_env.get_pretty_env_info = functools.cache(torch.utils.collect_env.get_pretty_env_info)
+
+
+@functools.cache
 def _task_manager(include_path: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
+    _environment_report_once()
     return TaskManager(include_path=list(include_path) or None)
 
 
