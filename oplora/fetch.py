@@ -42,31 +42,30 @@ def offline_requested() -> bool:
     return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in OFFLINE_ENV)
 
 
-@contextlib.contextmanager
-def hub_mode(offline: bool):
-    """Switch huggingface_hub and datasets offline (or online) in this process and its children; both libraries
-    read the environment once, at import, so their constants are set too."""
+def set_offline(offline: bool) -> None:
+    """huggingface_hub and datasets offline (or online) in this process and its children; both libraries read the
+    environment once, at import, so their constants are set too."""
     import datasets.config
     import huggingface_hub.constants
 
-    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
-    constants = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
-                 huggingface_hub.constants.HF_HUB_OFFLINE)
     os.environ.update(dict.fromkeys(OFFLINE_ENV, "1" if offline else "0"))
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = offline
     huggingface_hub.constants.HF_HUB_OFFLINE = offline
+
+
+@contextlib.contextmanager
+def hub_mode(offline: bool):
+    """`set_offline(offline)` for the block, then back to how it was."""
+    import huggingface_hub.constants
+
+    saved, was = {k: os.environ.get(k) for k in OFFLINE_ENV}, huggingface_hub.constants.HF_HUB_OFFLINE
+    set_offline(offline)
     try:
         yield
     finally:
+        set_offline(was)
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
-         huggingface_hub.constants.HF_HUB_OFFLINE) = constants
-
-
-def go_offline() -> None:
-    """Offline for the rest of this process (the steps after fetch) and its children."""
-    hub_mode(True).__enter__()
 
 
 def is_hub_id(path: str) -> bool:

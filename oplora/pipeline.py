@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from oplora.config import CONFIG_DIR, trains
 from oplora.diagnose import LazyWeights, diagnose_adapter, weight_files
 from oplora.evaluation.cell import check_adapter, evaluate
-from oplora.fetch import fetch, go_offline
+from oplora.fetch import fetch, set_offline
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
@@ -195,7 +195,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         if step.name in report["failed"]:
             dead.add(step.name)
         if step.name == "fetch" and step.name not in dead:
-            go_offline()
+            set_offline(True)  # the later steps read only what fetch cached
     return report
 
 
