@@ -33,10 +33,9 @@ from tqdm.auto import tqdm
 
 from oplora.io import atomic_file, atomic_write_text
 from oplora.record import content_hash
-from oplora.resources import resolve
+from oplora.resources import is_hub_id, resolve
 
 log = logging.getLogger(__name__)
-LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -52,13 +51,9 @@ class CalibrationSettings:
     seed: int = 233
 
 
-def is_local(source: str) -> bool:
-    return Path(resolve(source)).suffix in LOCAL_SUFFIXES or Path(resolve(source)).exists()
-
-
 def read_documents(settings: CalibrationSettings) -> list[str]:
     """The corpus's documents: a local file's, or the `field` of a hub dataset (cached by `make fetch`)."""
-    if not is_local(settings.source):
+    if is_hub_id(settings.source):
         from datasets import load_dataset
 
         try:

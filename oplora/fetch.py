@@ -18,17 +18,15 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from oplora.config import trains
 from oplora.record import as_dict
-from oplora.resources import PREFIX
+from oplora.resources import OFFLINE_ENV, hub_offline, is_hub_id
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # config, weights, tokenizer, template
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -36,10 +34,6 @@ class Item:
     what: str  # e.g. "base model", "lm_eval task boolq"
     hub_id: str
     load: Callable[[], object]  # reads the item through the code a real run uses (downloads when online)
-
-
-def offline_requested() -> bool:
-    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in OFFLINE_ENV)
 
 
 def set_offline(offline: bool) -> None:
@@ -66,11 +60,6 @@ def hub_mode(offline: bool):
         set_offline(was)
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-
-
-def is_hub_id(path: str) -> bool:
-    return not path.startswith(PREFIX) and not Path(path).exists() and Path(path).suffix not in (
-        ".json", ".jsonl", ".txt", ".gz", ".parquet")
 
 
 def model_item(path: str) -> Item:
@@ -110,7 +99,7 @@ def mbpp_plus_item() -> Item:
     def load():
         from oplora.evaluation.code import mbpp_plus_file
 
-        return mbpp_plus_file(download=not offline_requested())
+        return mbpp_plus_file(download=True)  # refused when offline
 
     return Item("MBPP+ (evalplus release file)", "evalplus/mbppplus_release", load)
 
@@ -144,7 +133,7 @@ def fetch(cfg: DictConfig, cells: dict) -> bool:
     """Fetch what is not cached yet; True when something was downloaded. Offline (HF_HUB_OFFLINE set), a missing
     item is an error that names every missing hub id."""
     items, downloaded, missing = needs(cfg, cells), [], []
-    offline = offline_requested()
+    offline = hub_offline()
     for item in items:
         try:
             with hub_mode(offline=True):

@@ -19,10 +19,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from oplora.config import trains
-from oplora.fetch import OFFLINE_ENV, fetch
+from oplora.fetch import fetch
 from oplora.graph import GRAPH
 from oplora.graph import Step as GraphStep
 from oplora.record import as_dict
+from oplora.resources import OFFLINE_ENV
 from oplora.slurm import Step, submit, wait
 
 
@@ -51,6 +52,7 @@ def pipeline_jobs(python: str, overrides: list[str], cells: dict, gpus: int, svd
     task = "$SLURM_ARRAY_TASK_ID"  # expands in the job's shell
     jobs = []
     submitted = [step for step in GRAPH if not step.launcher]
+    names = {step.name for step in submitted}
     for step in submitted:
         argv = step_command(python, overrides, step, gpus, task if step.per_cell else None)
         if step.name == "svd" and svd_shards > 1:
@@ -58,7 +60,7 @@ def pipeline_jobs(python: str, overrides: list[str], cells: dict, gpus: int, svd
         command = " ".join(a if a.endswith(task) else shlex.quote(a) for a in argv)
         array = (trained if step.cells == "trained" else len(cells)) if step.per_cell else None
         array = svd_shards if step.name == "svd" and svd_shards > 1 else array
-        after = tuple(a for a in step.after if a in {s.name for s in submitted})
+        after = tuple(a for a in step.after if a in names)
         jobs.append(Step(step.name, command, array=array, after=after, dependency="afterany",
                          gpus=0 if resources[step.name] == "cpu" else None))
     return jobs

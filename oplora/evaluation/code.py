@@ -28,13 +28,13 @@ from oplora.evaluation.common import binomial_stderr, check_generations, generat
 from oplora.evaluation.evalplus_cli import CAP_ENV, TEMPLATE_ENV
 from oplora.io import atomic_write_text, file_sha256
 from oplora.prompt import PROMPT
+from oplora.resources import OFFLINE_ENV, hub_offline
 
 OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
 CLI = Path(evalplus_cli.__file__).read_text()  # evalplus's CLI, adjusted; runs as `python -c` without oplora
 # How codegen prompts (eval.evalplus.prompt): evalplus's default (the chat template when the tokenizer has one, else
 # the raw problem), the raw problem always (`--force_base_prompt`), or the training prompt (Alpaca, as PiSSA's recipe)
 PROMPT_MODES = ("evalplus", "base", "alpaca")
-HF_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def _literal_inputs(test: str) -> list[list]:
@@ -77,11 +77,6 @@ def humaneval_plus_file(path: str | Path, limit: int | None = None) -> Path:
     return _write_lines(Path(path), [json.dumps(r) for r in records])
 
 
-def hf_offline() -> bool:
-    """Whether the HF offline switches are on (then nothing is downloaded, evalplus's releases included)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in HF_OFFLINE_ENV)
-
-
 def mbpp_plus_file(download: bool) -> Path:
     """evalplus's MBPP+ release file in evalplus's cache (which follows XDG_CACHE_HOME); when it is missing and
     `download` is true (and the HF offline switches are off), downloaded with evalplus's own `make_cache`."""
@@ -91,12 +86,12 @@ def mbpp_plus_file(download: bool) -> Path:
 
     url, cached = get_dataset_metadata("MbppPlus", MBPP_PLUS_VERSION, mini=False)
     cached = Path(user_cache_dir("evalplus")) / Path(cached).name
-    if not cached.exists() and download and not hf_offline():
+    if not cached.exists() and download and not hub_offline():
         cached.parent.mkdir(parents=True, exist_ok=True)
         make_cache(url, str(cached))
     if not cached.exists():
         raise FileNotFoundError(f"MBPP+ is not in evalplus's cache ({cached}) and was not downloaded (offline: "
-                                f"{' or '.join(HF_OFFLINE_ENV)} set, or download=False): run `make fetch` where the "
+                                f"{' or '.join(OFFLINE_ENV)} set, or download=False): run `make fetch` where the "
                                 f"internet is reachable, or download {url}, gunzip it and pass it as "
                                 "eval.evalplus.dataset_file (override=, MBPP_OVERRIDE_PATH)")
     return cached
@@ -107,7 +102,7 @@ def _dataset_file(dataset: str, source: str | None, limit: int | None, directory
     if source is None and dataset == "humaneval":
         return humaneval_plus_file(directory / "HumanEvalPlus.jsonl", limit)
     if source is None:
-        source = str(mbpp_plus_file(download=not hf_offline()))
+        source = str(mbpp_plus_file(download=True))  # refused when offline
     if limit is None:
         return Path(source)
     with (gzip.open if source.endswith(".gz") else open)(source, "rt") as f:
@@ -129,7 +124,7 @@ def codegen_command(model: str, dataset: str, backend: str, prompt: str, dtype: 
 
 def _codegen(args: list[str], dataset: str, dataset_file: Path, env: dict[str, str] | None = None) -> None:
     """Run evalplus's `codegen` CLI (decoding only, no generated code runs) in a subprocess; output streams through."""
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "TOKENIZERS_PARALLELISM": "false",
+    env = {**dict.fromkeys(OFFLINE_ENV, "1"), **os.environ, "TOKENIZERS_PARALLELISM": "false",
            OVERRIDE_ENV[dataset]: str(dataset_file), **(env or {})}
     code = subprocess.run([sys.executable, "-c", CLI, "codegen", *args], env=env).returncode
     if code != 0:
@@ -142,7 +137,7 @@ def _sandboxed_evaluate(samples: Path, dataset: str, dataset_file: Path, mode: s
         scratch = Path(scratch)
         shutil.copyfile(samples, scratch / "samples.jsonl")
         shutil.copyfile(dataset_file, scratch / "problems.jsonl")
-        env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        env = {**dict.fromkeys(OFFLINE_ENV, "1"), "TOKENIZERS_PARALLELISM": "false",
                OVERRIDE_ENV[dataset]: "problems.jsonl"}
         argv = [sys.executable, "-c", CLI, "evaluate", "--dataset", dataset, "--samples", "samples.jsonl"]
         code = sandbox.run(argv, scratch, env, mode).returncode
