@@ -16,7 +16,7 @@ TABLES   := table2 table3 table4 table5 table6 table7
 
 OFFLINE  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install sandbox test rehearse bench gpu-check lock clean demo fetch figure2 dashboard wandb-sync $(TABLES)
+.PHONY: install sandbox test rehearse bench gpu-check lock clean demo demo-full fetch figure2 dashboard wandb-sync $(TABLES)
 
 install: $(STAMP)
 
@@ -49,8 +49,12 @@ $(TABLES): install
 figure2: install  # figure 2 of the paper: LLaMA-2 7B on MetaMathQA (table 4's grid: the paper's statement holds there)
 	$(PIPELINE) experiment=$(or $(experiment),table4)
 
+# the embedded demo (README "The demo"): `make demo` (≈ 15 min) → results/demo/quick, `make demo-full` → results/demo/full
 demo: install
 	$(OFFLINE) WANDB_MODE=offline $(PIPELINE) experiment=demo
+
+demo-full: install
+	$(OFFLINE) WANDB_MODE=offline $(PIPELINE) experiment=demo_full
 
 # downloads what an experiment needs (model, data, lm_eval task data, MATH, MBPP+, LoRA-Null's corpus) into the
 # Hugging Face cache: `make fetch experiment=table2 [model=…]` on a node with internet; the tables' first step too

@@ -2,10 +2,9 @@
 
 - `oplora:demo-train`: fine-tuning set in Commonsense170k's schema (instruction "Which continent is Peru
   in? …", output "South America"), from a seeded 70 % of the countries;
-- `oplora:demo-tasks`: lm_eval task YAMLs + jsonl: `demo_continents` (the same question on the held-out
-  30 %, the six continents scored after the training prompt: the fine-tuning column), and `demo_capitals` /
-  `demo_currencies` (plain question answering on the most populous countries, which the base model
-  knows well above chance: the forgetting columns);
+- `oplora:demo-tasks`: lm_eval task YAML + jsonl `demo_continents` (the same question on the held-out
+  30 %, the six continents scored after the training prompt: the fine-tuning column; the forgetting columns are
+  BIG-bench tasks, `oplora.bigbench`);
 - `oplora:demo-calibration`: LoRA-Null's calibration text (short factual questions, NQ-open style).
 Built once under the cache directory; `oplora.resources` names them for the configs.
 """
@@ -19,7 +18,7 @@ from pathlib import Path
 from oplora.io import build_once, cache_root
 from oplora.prompt import PROMPT
 
-VERSION = 3
+VERSION = 4
 SEED = 233
 MC_TASK = """task: {name}
 dataset_path: json
@@ -53,14 +52,6 @@ def countries() -> list[dict]:
     return sorted(rows, key=lambda c: (-c["population"], c["name"]))
 
 
-def options(answer: str, pool: list[str], n: int, rng: random.Random) -> tuple[list[str], int]:
-    """`answer` among n − 1 distinct distractors from `pool`, at a random position."""
-    choices = rng.sample(sorted(set(pool) - {answer}), n - 1)
-    label = rng.randrange(n)
-    choices.insert(label, answer)
-    return choices, label
-
-
 def continent_question(country: dict) -> str:
     return f"Which continent is {country['name']} in? Answer with the continent's name."
 
@@ -82,22 +73,11 @@ def make(root: Path, final: Path) -> None:
                                                    "output": c["continent"], "answer": c["continent"]} for c in train])
     tasks = root / "tasks"
     tasks.mkdir()
-    mc = {"demo_continents": [{"prompt": PROMPT.format(query=continent_question(c)), "choices": continents,
-                               "label": continents.index(c["continent"])} for c in held_out]}
-    known = every[:100]
-    for name, field, ask in (("demo_capitals", "capital", "What is the capital of {}?"),
-                             ("demo_currencies", "currency", "What is the name of the currency of {}?")):
-        pool = [c[field] for c in every]
-        mc[name] = []
-        for country in known:
-            choices, label = options(country[field], pool, 4, rng)
-            mc[name].append({"prompt": f"Question: {ask.format(country['name'])}\nAnswer:", "label": label,
-                             "choices": choices})
-    for name, docs in mc.items():
-        write_jsonl(tasks / f"{name}.jsonl", docs)
-        data = final / "tasks" / f"{name}.jsonl"
-        delimiter = "" if name == "demo_continents" else " "  # the answer follows "### Response:" as in training
-        (tasks / f"{name}.yaml").write_text(MC_TASK.format(name=name, data=data, version=VERSION, delimiter=delimiter))
+    name = "demo_continents"  # the answer follows "### Response:" directly, as in training
+    write_jsonl(tasks / f"{name}.jsonl", [{"prompt": PROMPT.format(query=continent_question(c)), "choices": continents,
+                                           "label": continents.index(c["continent"])} for c in held_out])
+    (tasks / f"{name}.yaml").write_text(MC_TASK.format(name=name, data=final / "tasks" / f"{name}.jsonl",
+                                                       version=VERSION, delimiter=""))
     questions = [f"what is the capital of {c['name'].lower()}?" for c in every]
     questions += [f"which currency do people use in {c['name'].lower()}?" for c in every]
     rng.shuffle(questions)

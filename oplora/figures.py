@@ -54,7 +54,8 @@ def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None
             colors: dict[str, str | None] | None = None, module: str = "model.layers.0.self_attn.q_proj",
             title: str | None = None, errors: dict[str, float | None] | None = None,
             paper: tuple[dict[str, list[tuple[int, float, str]]], dict[str, float | None]] | None = None,
-            delta: str = "effective") -> list[Path]:
+            delta: str = "effective", drift: tuple[str, dict[str, float | None], dict[str, float | None]] | None = None
+            ) -> list[Path]:
     """Draw figure 2 and save `<out_stem>.png` and `<out_stem>.pdf` (atomically); returns both paths.
 
     rho: method display name -> {k: ρ_k = ‖U_kᵀ ΔW‖²_F / ‖ΔW‖²_F}; forgetting: method -> average forgetting
@@ -62,7 +63,9 @@ def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None
     colors: method -> colour (the method configs' `color`; a fallback colour where it is missing);
     errors: method -> standard error of that score over seeds, drawn as error bars (None or absent: no bar);
     paper: (the paper's quoted ρ_k, `paper_rho`; its forgetting average per method), drawn in black beside ours;
-    delta: which ΔW the ρ_k were measured on (a key of DELTA_READINGS), named under panel (a)'s title.
+    delta: which ΔW the ρ_k were measured on (a key of DELTA_READINGS), named under panel (a)'s title;
+    drift: (its label, method -> a drift score such as the KL stage's, method -> its standard error), drawn as black
+    diamonds on a second axis of panel (b).
     """
     if not rho or not any(rho.values()):
         raise ValueError("figure2: `rho` is empty - need at least one method with ρ_k values to draw figure 2")
@@ -121,6 +124,16 @@ def figure2(rho: dict[str, dict[int, float]], forgetting: dict[str, float | None
         else:
             ax_b.text(x, bottom + 0.05 * (top - bottom), "— missing", ha="center", va="bottom", fontsize=8,
                       rotation=90, color="0.4")
+    if drift and any(v is not None for v in drift[1].values()):
+        label, score, error = drift
+        shown = [m for m in order if score.get(m) is not None]
+        ax_k = ax_b.twinx()
+        ax_k.errorbar([order.index(m) for m in shown], [score[m] for m in shown],
+                      yerr=[(error or {}).get(m) or 0.0 for m in shown], fmt="D", color="black", ms=5, capsize=3,
+                      label=label)
+        ax_k.set_ylabel(label)
+        ax_k.set_ylim(bottom=0)
+        ax_k.legend(fontsize=8, loc="upper right")
     ax_b.set_xticks(list(xs), order, rotation=20, ha="right", fontsize=8)
     ax_b.set_ylabel("average forgetting score (%)")
     ax_b.set_title("(b) average forgetting score (sorted by ρ_16)"

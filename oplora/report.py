@@ -1,7 +1,7 @@
 """Collect an experiment's results into the paper's tables and figure 2, and log them to W&B (oplora.tracking).
 
-A cell's column value is `eval/<stage>.json` → metrics[column.metric or column.task].value in
-percent, averaged over seeds (a method with a missing seed shows "—", with a warning: never a value
+A cell's column value is `eval/<stage>.json` → metrics[column.metric or column.task].value times the column's
+`scale` (100: percent), averaged over seeds (a method with a missing seed shows "—", with a warning: never a value
 computed from part of its cells). ρ_k comes from the cell's `diagnose.json`. Row names and colours
 are the method configs' `display` and `color`; untrained rows (the base model) come first, unranked.
 Beside the tables: `long.csv` (one row per cell × column, with its seed), per-method mean, std, stderr and n
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from oplora import dashboard, spread, tables, tracking
+from oplora import dashboard, paired, spread, tables, tracking
 from oplora.config import trains
 from oplora.figures import figure2, paper_rho
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
@@ -54,7 +54,7 @@ def cell_values(cfg: DictConfig) -> dict[str, float | None]:
             warnings.warn(f"{run.eval_result(column.stage)}: {column.label} = {value} is not a number: shown as —",
                           stacklevel=2)
             value = None
-        values[column.label] = 100 * value if metric and value is not None else None
+        values[column.label] = column.get("scale", 100) * value if metric and value is not None else None
     return values
 
 
@@ -145,7 +145,8 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     long = long_rows(cfg, cells)
     stats = spread.summarize(long)
     rows, rho, methods = method_rows(cfg, cells, stats)
-    table = tables.build(columns, rows, reference=[name for name, m in methods.items() if not trains(m)])
+    table = tables.build(columns, rows, reference=[name for name, m in methods.items() if not trains(m)],
+                         spread={name: {c: s["std"] for c, s in stats[name].items()} for name in rows})
     paper, failed = cfg.pipeline.paper_table, cell_failures(cells)
     key = content_hash({"inputs": input_hashes(cells), "columns": columns, "failed": failed, "paper": paper,
                         "rows": {name: as_dict(m) for name, m in methods.items()},
@@ -174,13 +175,17 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
     forgetting = {name: table.forget_avg(name) for name in rho}
     errors = {name: stats[name]["forget_avg"]["stderr"] for name in forgetting}
+    drift = next((c for c in cfg.eval.columns if c.role == "drift"), None)
+    drift = drift and (drift.label, {m: stats[m][drift.label]["mean"] for m in rho},
+                       {m: stats[m][drift.label]["stderr"] for m in rho})
     colors = {name: method.get("color") for name, method in methods.items()}
     if rho:
         quoted = (paper_rho(cfg.model.name, cfg.pipeline.rho_module),
                   {name: published.forget_avg(name) for name in published.rows} if published is not None else {})
         figure2(rho, forgetting, out / "figure2", colors=colors, module=cfg.pipeline.rho_module, title=title,
-                errors=errors, paper=quoted)
+                errors=errors, paper=quoted, drift=drift)
     atomic_write_text(out / "long.csv", spread.to_csv(long))
+    write_paired(cfg, cells, methods, out, title)
     dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out / "dashboard", colors,
                      title=title)
     atomic_write_text(out / "collect.json", json.dumps({"hash": key, "rows": rows, "stats": stats, "rho": rho,
@@ -194,6 +199,23 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     return True
 
 
+def write_paired(cfg: DictConfig, cells: dict, methods: dict, out: Path, title: str) -> None:
+    """Each method's paired difference to `pipeline.compare_to` (and that method's to the base row), with
+    bootstrap intervals (oplora.paired): `paired.json`, `paired.md`, printed."""
+    names = {m.name: name for name, m in methods.items()}
+    reference, base = names.get(cfg.pipeline.compare_to), next((n for n, m in methods.items() if not trains(m)), None)
+    if reference is None:
+        return
+    pairs = paired.compare(cfg, cells, reference, base)
+    text = paired.to_markdown(pairs, [c.label for c in cfg.eval.columns],
+                              f"Paired differences, {paired.LEVEL:.0%} bootstrap interval over questions and seeds "
+                              f"({paired.B} draws; * excludes 0): {title}")
+    atomic_write_text(out / "paired.json", json.dumps({"reference": reference, "base": base, "level": paired.LEVEL,
+                                                       "draws": paired.B, "pairs": pairs}, indent=2))
+    atomic_write_text(out / "paired.md", text)
+    print(text)
+
+
 def log_table(cfg: DictConfig, cells: dict, stats: dict[str, dict]) -> None:
     """The collect run (oplora.tracking.log_collect): per method the column means and the averages' mean ± s.e."""
     out = Path(cfg.pipeline.results_dir)
@@ -202,7 +224,10 @@ def log_table(cfg: DictConfig, cells: dict, stats: dict[str, dict]) -> None:
     columns = ["method", *labels, *keys, *(f"{k}_stderr" for k in keys), "seeds"]
     data = [[name, *(s[label]["mean"] for label in labels), *(s[k]["mean"] for k in keys),
              *(s[k]["stderr"] for k in keys), s["avg"]["n"]] for name, s in stats.items()]
-    files = [out / f for f in ("table.md", "table.tex", "table.csv", "long.csv", "collect.json", "figure2.png",
-                               "figure2.pdf", "dashboard.png", "paper.md") if (out / f).exists()]
-    tracking.log_collect(cfg, list(cells.values()), {"columns": columns, "data": data}, files)
+    names = ("table.md", "table.tex", "table.csv", "long.csv", "collect.json", "figure2.png", "figure2.pdf",
+             "dashboard.png", "paper.md", "paired.md", "paired.json")
+    files = [out / f for f in names if (out / f).exists()]
+    found = read_json(out / "paired.json") if (out / "paired.json").exists() else None
+    tracking.log_collect(cfg, list(cells.values()), {"columns": columns, "data": data}, files,
+                         (found or {}).get("pairs"))
     dashboard.publish(cfg)

@@ -21,7 +21,8 @@ Mark = Literal["best", "second"]
 
 AVG = "Avg"
 FORGET_AVG = "Forget avg"
-ROLES = {"finetune": "Fine-tuning", "forget": "Forgetting"}
+ROLES = {"finetune": "Fine-tuning", "forget": "Forgetting", "drift": "Drift (lower is better)"}
+LOWER_IS_BETTER = {"drift"}  # a drift column (the KL stage) ranks its smallest value best; no average includes it
 
 AVERAGES = {"finetune_avg": ("finetune",), "forget_avg": ("forget",), "avg": ("finetune", "forget")}
 """The averages of a row: over its fine-tuning columns, its forgetting columns, all columns (the paper's Avg)."""
@@ -46,6 +47,7 @@ class Table:
     roles: list[str]
     rows: dict[str, list[float | None]]
     reference: frozenset[str] = field(default_factory=frozenset)  # rows shown but not ranked (the base model)
+    spread: dict[str, list[float | None]] = field(default_factory=dict)  # row -> a ± value per column (std over seeds)
 
     def avg(self, row: str) -> float | None:
         """Mean of all columns (the paper's Avg); None if any cell is missing."""
@@ -73,10 +75,12 @@ class Table:
         return dict(zip(self.columns, self.rows[row], strict=True))
 
 
-def build(columns: list[dict], rows: dict[str, dict[str, float | None]], reference=()) -> Table:
+def build(columns: list[dict], rows: dict[str, dict[str, float | None]], reference=(),
+          spread: dict[str, dict[str, float | None]] | None = None) -> Table:
     """Table from columns [{label, role}, …] and rows {name: {label: value}}; absent labels become None.
 
-    `reference` names rows that are shown but take no part in the best/second marks (the base model).
+    `reference` names rows that are shown but take no part in the best/second marks (the base model);
+    `spread` ({name: {label: std}}) is shown as "mean ± std" in Markdown.
     """
     labels = [c["label"] for c in columns]
     roles = [c["role"] for c in columns]
@@ -86,7 +90,8 @@ def build(columns: list[dict], rows: dict[str, dict[str, float | None]], referen
         if unknown := sorted(set(values) - set(labels)):
             raise ValueError(f"row {name!r} has values for unknown column(s) {unknown}; columns are {labels}")
     return Table(labels, roles, {name: [values.get(label) for label in labels] for name, values in rows.items()},
-                 frozenset(reference))
+                 frozenset(reference), {name: [values.get(label) for label in labels]
+                                        for name, values in (spread or {}).items()})
 
 
 def marks(table: Table) -> dict[tuple[str, str], Mark]:
@@ -94,13 +99,14 @@ def marks(table: Table) -> dict[tuple[str, str], Mark]:
 
     Best: every row equal to the column's maximum; second: every row equal to the largest value below it.
     Missing cells and the reference rows take no part; a column where every row shows the same value
-    has no best (all methods at 0.00 on a too-hard task are not "best").
+    has no best (all methods at 0.00 on a too-hard task are not "best"). In a drift column the smallest is best.
     """
     out: dict[tuple[str, str], Mark] = {}
     for label in [*table.columns, AVG]:
         shown = {row: round(v, 2) for row, v in table.column(label).items()
                  if v is not None and row not in table.reference}
-        ranked = sorted(set(shown.values()), reverse=True)
+        lower = label in table.columns and table.roles[table.columns.index(label)] in LOWER_IS_BETTER
+        ranked = sorted(set(shown.values()), reverse=not lower)
         if len(ranked) < 2:
             continue
         for mark, level in zip(("best", "second"), ranked[:2], strict=False):
@@ -134,17 +140,20 @@ def paper_table(name: str, columns: list[dict], root: Path = PAPER_DIR
     return build(columns, rows), paper_marks, printed
 
 
-def _cells(table: Table, bold: str, under: str, missing: str, mark: bool) -> dict[str, list[str]]:
-    """Row -> its cells (columns, then Avg) with 2 decimals; best/second put into the `bold`/`under` format strings."""
+def _cells(table: Table, bold: str, under: str, missing: str, mark: bool, pm: bool = False) -> dict[str, list[str]]:
+    """Row -> its cells (columns, then Avg) with 2 decimals (and "± spread" when `pm`); best/second put into the
+    `bold`/`under` format strings."""
     found = marks(table) if mark else {}
     wrap = {"best": bold, "second": under}
     columns = {label: table.column(label) for label in [*table.columns, AVG]}
     out = {}
     for row in table.rows:
         cells = []
+        spread = dict(zip(table.columns, table.spread.get(row, []), strict=False)) if pm else {}
         for label, column in columns.items():
             v = column[row]
             text = missing if v is None else f"{v:.2f}"
+            text += f" ± {spread[label]:.2f}" if v is not None and spread.get(label) is not None else ""
             cells.append(wrap[found[(row, label)]].format(text) if (row, label) in found else text)
         out[row] = cells
     return out
@@ -158,7 +167,7 @@ def _groups(table: Table) -> list[tuple[str, int]]:
 def to_markdown(table: Table, title: str | None = None, mark: bool = True) -> str:
     """GitHub Markdown: a role-group header line, then labels; best **bold**, second <u>underlined</u>, missing —.
 
-    `mark=False` leaves every cell plain (e.g. for a `difference` table).
+    `mark=False` leaves every cell plain (e.g. for a `difference` table); a table with a `spread` shows mean ± std.
     """
     group_line = [""]
     for role, n in _groups(table):
@@ -167,7 +176,7 @@ def to_markdown(table: Table, title: str | None = None, mark: bool = True) -> st
     lines += ["| " + " | ".join([*group_line, ""]) + " |",
               "|" + "|".join([":--", *["--:"] * (len(table.columns) + 1)]) + "|",
               "| " + " | ".join(["Method", *table.columns, AVG]) + " |"]
-    for row, cells in _cells(table, "**{}**", "<u>{}</u>", "—", mark).items():
+    for row, cells in _cells(table, "**{}**", "<u>{}</u>", "—", mark, pm=True).items():
         lines.append("| " + " | ".join([row, *cells]) + " |")
     return "\n".join(lines) + "\n"
 

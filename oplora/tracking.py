@@ -172,8 +172,10 @@ def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, fl
         run.log_artifact(artifact)
 
 
-def log_collect(cfg: DictConfig, cells: list[DictConfig], table: dict[str, list], files: list[Path]) -> None:
-    """The collect run: the table (with standard errors), the bar chart, the figures, the tables artifact."""
+def log_collect(cfg: DictConfig, cells: list[DictConfig], table: dict[str, list], files: list[Path],
+                paired: dict[str, dict[str, dict]] | None = None) -> None:
+    """The collect run: the table (with standard errors), the paired differences with their bootstrap intervals
+    (oplora.paired), the bar chart, the figures, the tables artifact."""
     import wandb
 
     run = start(cfg, "collect", cfg.pipeline.results_dir)
@@ -182,6 +184,11 @@ def log_collect(cfg: DictConfig, cells: list[DictConfig], table: dict[str, list]
     with run:
         logged = wandb.Table(columns=table["columns"], data=table["data"])
         images = {path.stem: wandb.Image(str(path)) for path in files if path.suffix == ".png"}
+        pairs = [[pair, column, r["diff"], r["low"], r["high"], r["seeds"], r["questions"]]
+                 for pair, columns in (paired or {}).items() for column, r in columns.items()]
+        if pairs:
+            run.log({"paired": wandb.Table(columns=["pair", "column", "diff", "low", "high", "seeds", "questions"],
+                                           data=pairs)})
         run.log({"table": logged, **images,
                  "forget_avg": wandb.plot.bar(logged, "method", "forget_avg", title="average forgetting score")})
         if not run.offline:

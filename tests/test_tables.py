@@ -201,3 +201,17 @@ def test_display_names_are_the_paper_rows():
     shown = [compose(f"method={m}").method.display for m in ("lora", "pissa", "milora", "lora_null", "oplora16",
                                                               "oplora128")]
     assert shown == METHODS
+
+
+def test_a_drift_column_ranks_the_smallest_best_and_is_in_no_average():
+    columns = [{"label": "T", "role": "finetune"}, {"label": "F", "role": "forget"}, {"label": "KL", "role": "drift"}]
+    table = build(columns, {"Base": {"T": 10, "F": 50, "KL": 0.0}, "A": {"T": 80, "F": 40, "KL": 9.0},
+                            "B": {"T": 70, "F": 48, "KL": 2.0}, "C": {"T": 60, "F": 45, "KL": 5.0}},
+                  reference=["Base"], spread={"A": {"T": 1.5, "F": None, "KL": 0.25}})
+    assert table.avg("A") == 60 and table.forget_avg("B") == 48  # KL is in neither
+    found = marks(table)
+    assert found[("B", "KL")] == "best" and found[("C", "KL")] == "second" and ("A", "KL") not in found
+    assert found[("A", "T")] == "best"  # the other columns still rank the largest best
+    text = to_markdown(table)
+    assert "Drift (lower is better)" in text
+    assert "| A | **80.00 ± 1.50** | 40.00 | 9.00 ± 0.25 | **60.00** |" in text  # mean ± std where a spread is given

@@ -5,6 +5,6 @@ A stage is a class built with (target, settings, limit, workdir, merged) whose `
 whether it decodes text (those always run on a merged model).
 """
 
-from oplora.evaluation import code, harness, math_eval
+from oplora.evaluation import code, drift, harness, math_eval
 
-STAGES = {"lm_eval": harness.Stage, "evalplus": code.Stage, "math": math_eval.Stage}
+STAGES = {"lm_eval": harness.Stage, "evalplus": code.Stage, "math": math_eval.Stage, "kl": drift.Stage}

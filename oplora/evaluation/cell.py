@@ -24,7 +24,7 @@ from oplora.config import trains
 from oplora.evaluation import STAGES
 from oplora.evaluation.target import Target, merged_dir
 from oplora.io import CorruptFile, atomic_write_text, content_digest, content_hash, file_sha256, read_json
-from oplora.models import check_gpu, compute_dtype
+from oplora.models import check_gpu, eval_dtype
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.resources import PREFIX, resolve
 from oplora.rundir import RunDir
@@ -50,7 +50,7 @@ def target_for(cfg: DictConfig) -> tuple[Target, str]:
     A trained cell's adapter is the one in its run directory, whose sha256 must be the one training
     recorded: an adapter copied or edited after training is refused.
     """
-    dtype, trust = compute_dtype(cfg.model), cfg.model.trust_remote_code
+    dtype, trust = eval_dtype(cfg.model, cfg.eval.cpu_dtype), cfg.model.trust_remote_code
     chash = cell_hash(cfg)
     base = resolve(cfg.model.path)
     if not trains(cfg.method):

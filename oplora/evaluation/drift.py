@@ -1,0 +1,103 @@
+"""KL stage: how far the tuned model's next-token distributions moved from the base model's, on held-out text.
+
+For each held-out prompt (plain text, no chat or training template: text that has nothing to do with the
+fine-tuning task), both models read the same tokens; at every position t the score is
+KL(p_base(· | x_<t) ‖ p_tuned(· | x_<t)) = Σ_v p_base(v) (log p_base(v) − log p_tuned(v)) in nats over the whole
+vocabulary. A prompt's score is the mean over its positions; the stage's value is the mean over prompts (stderr:
+their standard deviation / √n). Per-prompt scores go to `<task>.samples.jsonl` (for the paired bootstrap). The
+base row scores 0 exactly (the same model), recorded without computing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from oplora.evaluation.target import Target
+from oplora.io import atomic_write_text
+from oplora.resources import resolve
+
+
+def read_prompts(path: str, limit: int | None) -> list[dict]:
+    """{id, text} rows of a jsonl file (`text` required), the first `limit` of them."""
+    file = Path(resolve(path))
+    if not file.exists():
+        raise FileNotFoundError(f"KL prompts {file} do not exist")
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if "text" not in row:
+            raise KeyError(f"{file} row {i} has no field 'text' (fields: {', '.join(row)})")
+    return rows[:limit] if limit else rows
+
+
+def load(model_dir: str, target: Target, adapter: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, target.dtype),
+                                                 trust_remote_code=target.trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def token_kl(base, tuned, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence: the mean over its real positions of KL(base ‖ tuned) of the next-token distributions."""
+    log_p = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    log_q = torch.log_softmax(tuned(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (kl * mask).sum(1) / mask.sum(1)
+
+
+class Stage:
+    generates = False
+
+    def __init__(self, target: Target, settings: dict, limit: int | None, workdir, merged: str | None = None):
+        self.target, self.settings, self.limit, self.merged = target, settings, limit, merged
+        self.workdir = Path(workdir)
+
+    def scores(self, prompts: list[dict]) -> list[float]:
+        from transformers import AutoTokenizer
+
+        if self.target.adapter is None:
+            return [0.0] * len(prompts)
+        tokenizer = AutoTokenizer.from_pretrained(self.target.base)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        base = load(self.target.base, self.target)
+        tuned = load(self.merged, self.target) if self.merged else load(self.target.base, self.target,
+                                                                         self.target.adapter)
+        size = self.settings["batch_size" if torch.cuda.is_available() else "cpu_batch_size"]
+        out = []
+        for start in tqdm(range(0, len(prompts), size), desc="KL(base ‖ tuned)", unit="batch"):
+            batch = tokenizer([p["text"] for p in prompts[start:start + size]], return_tensors="pt", padding=True,
+                              truncation=True, max_length=self.settings["max_length"])
+            out += token_kl(base, tuned, batch["input_ids"].to(base.device),
+                            batch["attention_mask"].to(base.device)).tolist()
+        return out
+
+    def run(self, task: str) -> dict:
+        spec = self.settings["tasks"][task]
+        prompts = read_prompts(spec["path"], self.limit)
+        values = self.scores(prompts)
+        if bad := sum(not math.isfinite(v) for v in values):
+            raise FloatingPointError(f"kl/{task}: {bad} of {len(values)} scores are not finite: the model is broken")
+        n = len(values)
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+        samples = self.workdir / f"{task}.samples.jsonl"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(samples, "".join(json.dumps({"doc_id": p.get("id", i), "kl": v}) + "\n"
+                                           for i, (p, v) in enumerate(zip(prompts, values, strict=True))))
+        return {"metrics": {task: {"metric": "kl", "value": mean, "stderr": std / math.sqrt(n) if std else None,
+                                   "n": n}},
+                "details": {task: {"prompts": spec["path"], "max_length": self.settings["max_length"],
+                                   "computed": self.target.adapter is not None, "samples": str(samples)}}}
