@@ -36,10 +36,10 @@ ARCHIVE = "bigbench-1.0.0.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/{}/task.json"
 VERSION = 3
-CANDIDATES = (  # English multiple-choice tasks with short inputs and at least 200 questions
+CANDIDATES = (  # English multiple-choice tasks with short inputs, at most 7 choices and at least 200 questions
     "social_iqa", "strategyqa", "sports_understanding", "navigate", "winowhy", "epistemic_reasoning",
     "logical_fallacy_detection", "metaphor_boolean", "implicatures", "intent_recognition", "movie_recommendation",
-    "discourse_marker_prediction", "ruin_names", "date_understanding", "disambiguation_qa", "anachronisms",
+    "ruin_names", "date_understanding", "disambiguation_qa", "anachronisms",
     "misconceptions", "physics",
 )
 HELDOUT_SOURCES = ("known_unknowns", "general_knowledge", "physical_intuition", "riddle_sense", "empirical_judgments",

@@ -30,13 +30,21 @@ def chance(docs: list[dict]) -> float:
 def select(model: str = "oplora:smollm2-135m-instruct", limit: int = 300, metric: str = "acc_norm",
            out: Path = Path("results/demo/task_selection")) -> list[str]:
     """Measure the base model on the first `limit` questions of every candidate; keep the tasks where its
-    `metric` is at least chance + 4 standard errors. Writes `<out>.json` and `<out>.md`; returns the kept tasks."""
+    `metric` is at least chance + 4 standard errors. Writes `<out>.json` and `<out>.md` after every task, and resumes
+    from them (a task measured with the same model, metric, limit and data is not measured again); returns the kept
+    tasks."""
     root = bigbench.build()
+    source = json.loads((root / "SOURCE.json").read_text())
+    header = {"model": model, "metric": metric, "limit": limit, "rule": RULE, "source": source}
+    done = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    rows = {name: row for name, row in done.get("tasks", {}).items()
+            if {k: done.get(k) for k in header} == header and name in bigbench.CANDIDATES}
     settings = {"include_path": [str(root)], "metrics": [metric], "num_fewshot": {}, "allow_code_execution": False,
                 "batch_size": 8, "cpu_batch_size": 8, "add_bos_token": False, "sandbox": "none"}
     lm = load_lm(Target(resolve(model), None, "bfloat16"), settings, None)  # the demo evaluates in bfloat16
-    rows = {}
     for name in bigbench.CANDIDATES:
+        if name in rows:
+            continue
         docs = [json.loads(line) for line in open(root / f"{name}.jsonl")][:limit]
         found = evaluate_task(lm, f"bigbench_{name}", settings, limit, Path(out.parent / "selection-samples.jsonl"))
         result = found["metrics"][f"bigbench_{name}"]
@@ -46,10 +54,16 @@ def select(model: str = "oplora:smollm2-135m-instruct", limit: int = 300, metric
                       "z": (result["value"] - level) / result["stderr"],
                       "kept": result["value"] >= level + 4 * result["stderr"]}
         print(name, rows[name], flush=True)
+        write(out, header, rows)
     Path(out.parent / "selection-samples.jsonl").unlink(missing_ok=True)
+    return write(out, header, rows)
+
+
+def write(out: Path, header: dict, rows: dict) -> list[str]:
+    """The record so far: `<out>.json` and its table `<out>.md`; the kept tasks."""
+    model, metric, limit = header["model"], header["metric"], header["limit"]
     kept = [name for name, row in rows.items() if row["kept"]]
-    record = {"model": model, "metric": metric, "limit": limit, "rule": RULE,
-              "source": json.loads((root / "SOURCE.json").read_text()), "tasks": rows, "kept": kept}
+    record = {**header, "tasks": rows, "kept": kept}
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
     lines = [f"# BIG-bench tasks measured on the base model ({model}, first {limit} questions, {metric})", "",
              f"Kept: {RULE} (`scripts/select_demo_tasks.py`).", "",
