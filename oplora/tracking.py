@@ -183,13 +183,13 @@ def log_collect(cfg: DictConfig, cells: list[DictConfig], table: dict[str, list]
         return
     with run:
         logged = wandb.Table(columns=table["columns"], data=table["data"])
-        images = {path.stem: wandb.Image(str(path)) for path in files if path.suffix == ".png"}
+        logs = {path.stem: wandb.Image(str(path)) for path in files if path.suffix == ".png"}
         pairs = [[pair, column, r["diff"], r["low"], r["high"], r["seeds"], r["questions"]]
                  for pair, columns in (paired or {}).items() for column, r in columns.items()]
         if pairs:
-            run.log({"paired": wandb.Table(columns=["pair", "column", "diff", "low", "high", "seeds", "questions"],
-                                           data=pairs)})
-        run.log({"table": logged, **images,
+            logs["paired"] = wandb.Table(columns=["pair", "column", "diff", "low", "high", "seeds", "questions"],
+                                           data=pairs)
+        run.log({"table": logged, **logs,
                  "forget_avg": wandb.plot.bar(logged, "method", "forget_avg", title="average forgetting score")})
         if not run.offline:
             for cell in cells:

@@ -61,6 +61,7 @@ def test_graph_runs_once_skips_then_reruns_only_what_changed(data_files, tasks, 
     collect_run = runs["tinygrid/tiny-llama/collect"]
     logged = collect_run["history"][0]
     assert logged["table/nrows"] == 3 and logged["forget_avg_table/_type"] == "table-file"  # the bar chart's data
+    assert logged["paired/nrows"] == 2 * 3  # OPLoRA-16 − LoRA and LoRA − Base: two columns and Forget avg each
     table = json.loads((collect_run["dir"] / "files" / logged["table/path"]).read_text())
     assert table["columns"] == ["method", "Capitals", "Sums", "finetune_avg", "forget_avg", "avg",
                                 "finetune_avg_stderr", "forget_avg_stderr", "avg_stderr", "seeds"]
