@@ -117,7 +117,7 @@ def test_adapters_results_and_tables_are_artifacts(two_seeds):
     (artifact,) = [a for a in collect["artifacts"] if a["type"] == "tables"]  # beside wandb's own run_table
     assert artifact["name"] == "tables-tinygrid-tiny-llama"
     assert set(artifact["entries"]) == {"table.md", "table.tex", "table.csv", "long.csv", "collect.json",
-                                        "figure2.png", "figure2.pdf", "dashboard.png"}
+                                        "figure2.png", "figure2.pdf", "dashboard.png", "paired.md", "paired.json"}
 
 
 def test_collect_gives_the_spread_over_seeds_and_a_long_csv(two_seeds):
