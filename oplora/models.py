@@ -119,11 +119,15 @@ def compute_dtype(model_cfg) -> str:
 
     The SVD cache is keyed on the weights in this dtype, so every stage must use this one rule.
     """
-    return model_cfg.dtype if require_gpu(model_cfg) or torch.cuda.is_available() else "float32"
+    return model_cfg.dtype if runs_on_gpu(model_cfg) else "float32"
+
+
+def runs_on_gpu(model_cfg) -> bool:
+    """Whether the model's steps run on a GPU: `model.device: cuda`, or `auto` with a GPU present."""
+    return require_gpu(model_cfg) or torch.cuda.is_available()
 
 
 def eval_dtype(model_cfg, cpu_dtype: str | None) -> str:
     """The dtype the evaluation stages run in: `compute_dtype`'s, or `eval.cpu_dtype` when set and the model runs
     on a CPU (bfloat16 scores twice as fast as float32 on a CPU with AVX512-BF16; the demo's choice)."""
-    on_cpu = not (require_gpu(model_cfg) or torch.cuda.is_available())
-    return cpu_dtype if cpu_dtype and on_cpu else compute_dtype(model_cfg)
+    return cpu_dtype if cpu_dtype and not runs_on_gpu(model_cfg) else compute_dtype(model_cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from statistics import fmean, stdev
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.resources import resolve
+from oplora.svd import resolve_device
 
 
 def read_prompts(path: str, limit: int | None) -> list[dict]:
@@ -43,8 +45,7 @@ def load(model_dir: str, target: Target, adapter: str | None = None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    return model.to(resolve_device()).eval()
 
 
 @torch.no_grad()
@@ -90,9 +91,8 @@ class Stage:
         values = self.scores(prompts)
         if bad := sum(not math.isfinite(v) for v in values):
             raise FloatingPointError(f"kl/{task}: {bad} of {len(values)} scores are not finite: the model is broken")
-        n = len(values)
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+        n, mean = len(values), fmean(values)
+        std = stdev(values) if n > 1 else None
         samples = self.workdir / f"{task}.samples.jsonl"
         samples.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(samples, "".join(json.dumps({"doc_id": p.get("id", i), "kl": v}) + "\n"
