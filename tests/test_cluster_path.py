@@ -81,10 +81,13 @@ def test_the_job_script_requeues_on_sigusr1(cluster, tmp_path):
         time.sleep(0.5)
     time.sleep(1)
     subprocess.run(["scancel", "--batch", "--signal=USR1", ids["work"]], check=True)
-    while "Restarts=1" not in (job := subprocess.run(["scontrol", "show", "job", ids["work"]], capture_output=True,
-                                                     text=True).stdout) and time.monotonic() < deadline + 60:
+    requeued = ("Restarts=1", "JobState=PENDING")  # the count rises while the job still shows REQUEUED
+    while time.monotonic() < deadline + 60:
+        job = subprocess.run(["scontrol", "show", "job", ids["work"]], capture_output=True, text=True).stdout
+        if all(s in job for s in requeued):
+            break
         time.sleep(0.5)
-    assert "Restarts=1" in job and "JobState=PENDING" in job  # requeued by its own script
+    assert all(s in job for s in requeued), job  # requeued by its own script
     subprocess.run(["scontrol", "update", f"JobId={ids['work']}", "StartTime=now"], check=True)  # skip the delay
     assert wait([ids["work"]], timeout=120, poll=1) == {ids["work"]: "COMPLETED"}
     log = next((tmp_path / "logs").glob("*.out")).read_text()
