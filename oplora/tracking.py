@@ -188,7 +188,7 @@ def log_collect(cfg: DictConfig, cells: list[DictConfig], table: dict[str, list]
                  for pair, columns in (paired or {}).items() for column, r in columns.items()]
         if pairs:
             logs["paired"] = wandb.Table(columns=["pair", "column", "diff", "low", "high", "seeds", "questions"],
-                                           data=pairs)
+                                         data=pairs)
         run.log({"table": logged, **logs,
                  "forget_avg": wandb.plot.bar(logged, "method", "forget_avg", title="average forgetting score")})
         if not run.offline:
