@@ -1,7 +1,8 @@
-"""BIG-bench tasks served offline to lm_eval: the demo's forgetting benchmarks and its held-out text.
+"""BIG-bench tasks served offline to lm_eval: optional forgetting benchmarks of the demo (`eval=demo_bigbench`).
 
-The data is BIG-bench's own release on the package registry (`bigbench==1.0.0`, a 358 MB sdist), fetched once with
-`pip download --no-deps` (its dependencies are never installed) and checked against its sha256. Each task's
+The data is BIG-bench's own release, `bigbench==1.0.0` (a 358 MB sdist). The package registry dropped it in late
+November 2026, so it is optional: a user who has the archive names it with OPLORA_BIGBENCH_ARCHIVE, and it is checked
+against its pinned sha256 (`oplora.artifacts`; its dependencies are never installed). Each task's
 `bigbench/benchmark_tasks/<task>/task.json` is read straight from the archive and written as jsonl with an lm_eval
 task YAML beside it (`oplora:bigbench-tasks`); `SOURCE.json` records the archive's and every task file's sha256.
 
@@ -9,11 +10,10 @@ task YAML beside it (`oplora:bigbench-tasks`); `SOURCE.json` records the archive
   choices are left out), served with lm_eval's own `social_iqa` task (its prompt, choices and target) over this data.
 - every other task: multiple choice over the `target_scores` keys, after the prompt BIG-bench's own JSON tasks build
   (task prefix, "Q: " input, appended choices, "A:"), its examples shuffled once with a fixed seed.
-- `heldout.jsonl`: the inputs of other tasks, prose that has nothing to do with the demo's fine-tuning, on which
-  the KL stage (`oplora.evaluation.drift`) compares the tuned model's next-token distributions with the base's.
 
-`scripts/select_demo_tasks.py` measures the base model on every candidate and keeps the tasks it answers above
-chance by at least 4 standard errors (`results/demo/task_selection.md`); the demo's eval config names them.
+`scripts/select_demo_tasks.py` measures the base model on every candidate (with the WordNet tasks of
+`oplora.wordnet`, the demo's default forgetting benchmarks) and keeps the tasks it answers above chance by at least
+4 standard errors (`results/demo/task_selection.md`).
 """
 
 from __future__ import annotations
@@ -22,29 +22,23 @@ import json
 import random
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
+from oplora import artifacts
 from oplora.demo_data import MC_TASK
 from oplora.io import build_once, cache_root, file_sha256
 
-REQUIREMENT = "bigbench==1.0.0"
-ARCHIVE = "bigbench-1.0.0.tar.gz"
-ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+ARCHIVE = artifacts.ARTIFACTS["bigbench"]
 MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/{}/task.json"
-VERSION = 3
+VERSION = 4
 CANDIDATES = (  # English multiple-choice tasks with short inputs, at most 7 choices and at least 200 questions
     "social_iqa", "strategyqa", "sports_understanding", "navigate", "winowhy", "epistemic_reasoning",
     "logical_fallacy_detection", "metaphor_boolean", "implicatures", "intent_recognition", "movie_recommendation",
     "ruin_names", "date_understanding", "disambiguation_qa", "anachronisms",
     "misconceptions", "physics",
 )
-HELDOUT_SOURCES = ("known_unknowns", "general_knowledge", "physical_intuition", "riddle_sense", "empirical_judgments",
-                   "english_proverbs", "crass_ai", "odd_one_out", "human_organs_senses", "novel_concepts")
-HELDOUT_SEED = 233
+SEED = 233
 SIQA_SPLIT = re.compile(r"^(?P<context>.*[.!?\"'])\s+(?P<question>[^.!?]*\?)$", re.S)
 SIQA_INCLUDE = "_siqa_lm_eval_yaml"  # lm_eval's own siqa.yaml, copied (no .yaml suffix: not a second task)
 SIQA_TASK = """include: {include}
@@ -64,35 +58,19 @@ metadata:
 """
 
 
-def archive() -> Path:
-    """BIG-bench's sdist in the cache, downloaded once from the package registry and checked against its sha256."""
-    path = cache_root() / "bigbench" / ARCHIVE
-    if path.exists() and file_sha256(path) == ARCHIVE_SHA256:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {REQUIREMENT} (358 MB, once) from the package registry …", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "--no-build-isolation", REQUIREMENT, "-d", tmp], check=True)
-        if (found := file_sha256(Path(tmp) / ARCHIVE)) != ARCHIVE_SHA256:
-            raise ValueError(f"{REQUIREMENT}: the downloaded {ARCHIVE} has sha256 {found}, not {ARCHIVE_SHA256}")
-        (Path(tmp) / ARCHIVE).replace(path)
-    return path
-
-
 def read_tasks(names: set[str]) -> dict[str, tuple[dict, str]]:
     """{task: (its task.json, that file's sha256)} read from the archive in one pass."""
     import hashlib
 
     wanted = {MEMBER.format(name): name for name in names}
     found = {}
-    with tarfile.open(archive()) as tar:
+    with tarfile.open(artifacts.path(ARCHIVE.name)) as tar:
         for member in tar:
             if member.name in wanted:
                 raw = tar.extractfile(member).read()
                 found[wanted[member.name]] = (json.loads(raw), hashlib.sha256(raw).hexdigest())
     if missing := sorted(names - set(found)):
-        raise KeyError(f"{ARCHIVE} has no task.json for {missing}")
+        raise KeyError(f"{ARCHIVE.filename} has no task.json for {missing}")
     return found
 
 
@@ -114,7 +92,7 @@ def mc_docs(task: dict) -> list[dict]:
     fixed seed (several tasks list their examples sorted by answer, and `limit` takes the first ones)."""
     docs = [{"prompt": bigbench_prompt(task, e), "choices": list(e["target_scores"]),
              "label": list(e["target_scores"]).index(answer(e))} for e in task["examples"]]
-    random.Random(HELDOUT_SEED).shuffle(docs)
+    random.Random(SEED).shuffle(docs)
     return docs
 
 
@@ -133,27 +111,20 @@ def siqa_docs(task: dict) -> list[dict]:
     return docs
 
 
-def heldout(tasks: dict[str, tuple[dict, str]], n: int = 512) -> list[dict]:
-    """Inputs of the held-out source tasks, shuffled with a fixed seed: {id, source, text}."""
-    rows = [{"source": name, "text": e["input"].strip()} for name in HELDOUT_SOURCES for e in tasks[name][0]["examples"]
-            if len(e["input"].strip()) >= 40]
-    random.Random(HELDOUT_SEED).shuffle(rows)
-    return [{"id": i, **row} for i, row in enumerate(rows[:n])]
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def make(root: Path, final: Path) -> None:
-    """Every candidate task and the held-out text into `root`; the YAMLs point at their data under `final`."""
-    tasks = read_tasks(set(CANDIDATES) | set(HELDOUT_SOURCES))
-    source = {"requirement": REQUIREMENT, "archive": ARCHIVE, "archive_sha256": ARCHIVE_SHA256, "tasks": {}}
+    """Every candidate task into `root`; the YAMLs point at their data under `final`."""
+    tasks = read_tasks(set(CANDIDATES))
+    source = {"requirement": ARCHIVE.requirement, "archive": ARCHIVE.filename, "archive_sha256": ARCHIVE.sha256,
+              "tasks": {}}
     for name in CANDIDATES:
         task, sha = tasks[name]
         docs = siqa_docs(task) if name == "social_iqa" else mc_docs(task)
         write_jsonl(root / f"{name}.jsonl", docs)
-        origin = f"{REQUIREMENT} {MEMBER.format(name).split('/', 1)[1]} sha256:{sha}"
+        origin = f"{ARCHIVE.requirement} {MEMBER.format(name).split('/', 1)[1]} sha256:{sha}"
         data = final / f"{name}.jsonl"
         task_yaml = (SIQA_TASK.format(data=data, version=VERSION, include=SIQA_INCLUDE) if name == "social_iqa"
                      else MC_TASK.format(name=f"bigbench_{name}", data=data, version=VERSION, delimiter=" "))
@@ -165,8 +136,6 @@ def make(root: Path, final: Path) -> None:
     siqa_yaml = Path(lm_eval.__file__).parent / "tasks" / "siqa" / "siqa.yaml"
     shutil.copyfile(siqa_yaml, root / SIQA_INCLUDE)
     source["lm_eval_siqa_yaml"] = {"lm_eval": lm_eval.__version__, "sha256": file_sha256(siqa_yaml)}
-    write_jsonl(root / "heldout.jsonl", heldout(tasks))
-    source["heldout"] = {name: tasks[name][1] for name in HELDOUT_SOURCES}
     (root / "SOURCE.json").write_text(json.dumps(source, indent=2))
 
 

