@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from oplora.artifacts import ArtifactUnavailable
 from oplora.config import trains
 from oplora.record import as_dict
-from oplora.resources import OFFLINE_ENV, hub_offline, is_hub_id
+from oplora.resources import OFFLINE_ENV, PREFIX, hub_offline, is_hub_id, resolve
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # config, weights, tokenizer, template
@@ -32,8 +33,17 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # conf
 @dataclass(frozen=True)
 class Item:
     what: str  # e.g. "base model", "lm_eval task boolq"
-    hub_id: str
+    hub_id: str  # a hub id, or an `oplora:` resource built from a registry artifact (oplora.artifacts)
     load: Callable[[], object]  # reads the item through the code a real run uses (downloads when online)
+    columns: tuple[str, ...] = ()  # the table columns that need it; () = the whole experiment (model, training data)
+
+
+class ColumnsUnavailable(FileNotFoundError):
+    """Only evaluation data is missing: the columns that need it fail, training and the other columns go on."""
+
+    def __init__(self, message: str, columns: list[str]):
+        super().__init__(message)
+        self.columns = columns
 
 
 def set_offline(offline: bool) -> None:
@@ -77,31 +87,33 @@ def model_item(path: str) -> Item:
     return Item("base model", path, load)
 
 
-def lm_eval_items(tasks: list[str], include_path: list[str], sandbox: str) -> list[Item]:
-    """Each lm_eval task's data, loaded by lm_eval itself (its YAML's dataset_path, dataset_name, splits)."""
+def lm_eval_items(tasks: dict[str, tuple[str, ...]], include_path: list[str], sandbox: str) -> list[Item]:
+    """Each lm_eval task's data ({task: its columns}), loaded by lm_eval itself (its YAML's dataset_path,
+    dataset_name, splits)."""
     from oplora.evaluation.code_eval import sandboxed_code_eval
-    from oplora.evaluation.harness import task_manager
+    from oplora.evaluation.harness import check_known, task_manager
 
     def item(task: str) -> Item:
         def load():
             from lm_eval.tasks import get_task_dict
 
             manager = task_manager(include_path)
+            check_known(manager, task, include_path)
             with sandboxed_code_eval(sandbox, manager):  # tasks that score by running code load code_eval here
                 return get_task_dict([task], manager)
 
-        return Item(f"lm_eval task {task}", task, load)
+        return Item(f"lm_eval task {task}", task, load, tasks[task])
 
     return [item(t) for t in tasks]
 
 
-def mbpp_plus_item() -> Item:
+def mbpp_plus_item(columns: tuple[str, ...]) -> Item:
     def load():
         from oplora.evaluation.code import mbpp_plus_file
 
         return mbpp_plus_file(download=True)  # refused when offline
 
-    return Item("MBPP+ (evalplus release file)", "evalplus/mbppplus_release", load)
+    return Item("MBPP+ (evalplus release file)", "evalplus/mbppplus_release", load, columns)
 
 
 def needs(cfg: DictConfig, cells: dict) -> list[Item]:
@@ -113,15 +125,21 @@ def needs(cfg: DictConfig, cells: dict) -> list[Item]:
     if is_hub_id(cfg.data.path):
         items.append(Item("training data", cfg.data.path, lambda: data.load_records(cfg.data.path, cfg.data.split)))
     columns = [as_dict(c) for c in cfg.eval.columns]
-    lm_tasks = list(dict.fromkeys(c["task"] for c in columns if c["stage"] == "lm_eval"))
+    labels = lambda stage, task: tuple(c["label"] for c in columns if (c["stage"], c["task"]) == (stage, task))  # noqa: E731
+    lm_tasks = {c["task"]: labels("lm_eval", c["task"]) for c in columns if c["stage"] == "lm_eval"}
     if lm_tasks:
         items += lm_eval_items(lm_tasks, list(cfg.eval.lm_eval.include_path), cfg.eval.lm_eval.sandbox)
     for task in dict.fromkeys(c["task"] for c in columns if c["stage"] == "math"):
         spec = as_dict(cfg.eval.math.tasks[task])
         if is_hub_id(spec["path"]):
-            items.append(Item(f"math task {task}", spec["path"], lambda spec=spec: math_eval.load_rows(spec, None)))
+            items.append(Item(f"math task {task}", spec["path"], lambda spec=spec: math_eval.load_rows(spec, None),
+                              labels("math", task)))
+    for task in dict.fromkeys(c["task"] for c in columns if c["stage"] == "kl"):
+        path = cfg.eval.kl.tasks[task].path
+        if str(path).startswith(PREFIX):
+            items.append(Item(f"KL prompts {task}", path, lambda path=path: resolve(path), labels("kl", task)))
     if any(c["stage"] == "evalplus" and c["task"] == "mbpp" for c in columns) and not cfg.eval.evalplus.dataset_file:
-        items.append(mbpp_plus_item())
+        items.append(mbpp_plus_item(labels("evalplus", "mbpp")))
     corpus = calibration.CalibrationSettings(**as_dict(cfg.calibration))
     if corpus.source and is_hub_id(corpus.source) and any(
             trains(c.method) and c.method.name == "lora_null" for c in cells.values()):
@@ -130,8 +148,10 @@ def needs(cfg: DictConfig, cells: dict) -> list[Item]:
 
 
 def fetch(cfg: DictConfig, cells: dict) -> bool:
-    """Fetch what is not cached yet; True when something was downloaded. Offline (HF_HUB_OFFLINE set), a missing
-    item is an error that names every missing hub id."""
+    """Fetch what is not cached yet; True when something was downloaded. What cannot be had is named, with why: an
+    item the whole experiment needs (the model, the training data) stops everything (FileNotFoundError); an item
+    only some columns need stops only those (ColumnsUnavailable, raised after everything else was fetched).
+    Offline (HF_HUB_OFFLINE set), a hub item missing from the cache is named with `make fetch`."""
     items, downloaded, missing = needs(cfg, cells), [], []
     offline = hub_offline()
     for item in items:
@@ -140,18 +160,35 @@ def fetch(cfg: DictConfig, cells: dict) -> bool:
                 item.load()
             log.info("fetch: %s %s is cached", item.what, item.hub_id)
             continue
-        except Exception as err:  # not cached (each library raises its own error types)
-            if offline:
-                missing.append(f"{item.what}: {item.hub_id} ({type(err).__name__}: {str(err)[:200]})")
+        except Exception as err:  # not cached (each library raises its own error types), or not to be had
+            if offline or isinstance(err, ArtifactUnavailable):  # a registry artifact tried every place already
+                missing.append((item, err))
                 continue
         log.info("fetch: downloading %s %s", item.what, item.hub_id)
-        with hub_mode(offline=False):
-            item.load()
+        try:
+            with hub_mode(offline=False):
+                item.load()
+        except Exception as err:
+            missing.append((item, err))
+            continue
         downloaded.append(item.hub_id)
-    if missing:
-        raise FileNotFoundError("not in the Hugging Face cache, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid "
-                                "downloading; run `make fetch experiment=…` on a node with internet:\n  "
-                                + "\n  ".join(missing))
     log.info("fetch: %d items, %d downloaded%s", len(items), len(downloaded),
              f" ({', '.join(downloaded)})" if downloaded else "")
+    if missing:
+        message = "\n".join(unavailable(item, err, offline) for item, err in missing)
+        if any(not item.columns for item, _ in missing):
+            raise FileNotFoundError(message)
+        raise ColumnsUnavailable(message, sorted({c for item, _ in missing for c in item.columns}))
     return bool(downloaded)
+
+
+def unavailable(item: Item, err: Exception, offline: bool) -> str:
+    """Why an item cannot be had, and what it blocks: a hub item names the hub and `make fetch`; a registry artifact
+    names every place tried (oplora.artifacts)."""
+    blocks = f"columns {', '.join(item.columns)}" if item.columns else "the whole experiment"
+    if isinstance(err, ArtifactUnavailable) or not offline:
+        why = f"{type(err).__name__}: {err}"
+    else:
+        why = ("not in the Hugging Face cache, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid downloading; run "
+               f"`make fetch experiment=…` on a node with internet ({type(err).__name__}: {str(err)[:200]})")
+    return f"{item.what} ({item.hub_id}, needed by {blocks}): {why}"

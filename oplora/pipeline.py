@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from oplora.config import CONFIG_DIR, trains
 from oplora.diagnose import LazyWeights, diagnose_adapter, weight_files
 from oplora.evaluation.cell import check_adapter, evaluate
-from oplora.fetch import fetch, set_offline
+from oplora.fetch import ColumnsUnavailable, fetch, set_offline
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
@@ -38,6 +38,7 @@ from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
 from oplora.models import check_gpu, compute_dtype, weights_digest
 from oplora.report import collect
+from oplora.results import ResultsDir
 from oplora.resources import resolve
 from oplora.rundir import RunDir
 from oplora.svd import SVDCache, build
@@ -110,12 +111,22 @@ def run_step(step: Step, cfg: DictConfig, overrides: list[str], cells: dict[Cell
              report: dict) -> None:
     """Run one step of the graph (on the chosen cells, for a per-cell step), recording what happened."""
     if not step.per_cell:
+        results = ResultsDir(cfg.pipeline.results_dir)
         try:
             ran = ONCE_ACTIONS[step.name](cfg, cells)
             report["ran" if ran else "skipped"][step.name].append("all")
+            if not step.always:
+                results.clear_step_failure(step.name)
+        except ColumnsUnavailable as err:  # evaluation data only: those columns fail, everything else goes on
+            log.error("%s: %s\nthe columns %s will show —; every other step goes on", step.name, err,
+                      ", ".join(err.columns))
+            report["failed"][step.name] = f"{type(err).__name__}: {err}"
+            report["partial"].append(step.name)
         except Exception as err:
             log.error("%s failed: %s\n%s", step.name, err, traceback.format_exc())
             report["failed"][step.name] = f"{type(err).__name__}: {err}"
+            if not step.always:  # collect writes no table over existing results after this
+                results.record_step_failure(step.name, report["failed"][step.name])
         return
     for cell in (c for c in cells_of(step, cells) if c in chosen):
         run = RunDir(cells[cell].output_dir)
@@ -137,7 +148,7 @@ def run_step(step: Step, cfg: DictConfig, overrides: list[str], cells: dict[Cell
         except Exception as err:  # one cell's failure must not hide the others' results
             trace = traceback.format_exc()
             log.error("%s %s failed: %s\n%s", step.name, cell.name, err, trace)
-            run.record_failure(step.name, f"{type(err).__name__}: {err}", trace)
+            run.record_failure(step.name, f"{type(err).__name__}: {err}", trace, getattr(err, "scope", None))
             report["failed"][cell.name] = f"{step.name}: {type(err).__name__}: {err}"
 
 
@@ -183,7 +194,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     if any(s.resources == "gpu" for s in steps):
         check_gpu(cfg.model)  # before anything runs: a 7B model never trains in float32 on a CPU by accident
     chosen = list(cells) if cfg.pipeline.cell is None else [list(cells)[cfg.pipeline.cell]]
-    report = {key: {s.name: [] for s in steps} for key in ("ran", "skipped", "blocked")} | {"failed": {}}
+    report = {key: {s.name: [] for s in steps} for key in ("ran", "skipped", "blocked")} | {"failed": {}, "partial": []}
     dead: set[str] = set()  # once-steps that failed, and the steps they block
     for step in steps:
         if not step.always and dead.intersection(step.after):
@@ -192,9 +203,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
                 else ["all"]
             continue
         run_step(step, cfg, overrides, cells, chosen, report)
-        if step.name in report["failed"]:
+        if step.name in report["failed"] and step.name not in report["partial"]:
             dead.add(step.name)
-        if step.name == "fetch" and step.name not in dead:
+        if step.name == "fetch":
             set_offline(True)  # the later steps read only what fetch cached
     return report
 

@@ -14,40 +14,46 @@ import json
 import logging
 import math
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
 from oplora import dashboard, paired, spread, tables, tracking
 from oplora.config import trains
+from oplora.evaluation.cell import current_result
 from oplora.figures import figure2, paper_rho
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
 from oplora.record import as_dict, cell_hash, provenance
+from oplora.results import ResultsDir
 from oplora.rundir import RunDir
 
 log = logging.getLogger("oplora.report")
 
 
-def stage_result(run: RunDir, stage: str, expected: str) -> dict | None:
-    """A cell's result file of one stage, when it is readable and was computed for the cell's current config."""
-    try:
-        result = read_json(run.eval_result(stage))
-    except CorruptFile as err:
-        warnings.warn(f"{err}: its columns are shown as —", stacklevel=2)
-        return None
-    if result is not None and result.get("train_config_hash") != expected:
-        warnings.warn(f"{run.eval_result(stage)} was computed for another config of this cell (stale): its columns "
-                      "are shown as — until the cell is evaluated again", stacklevel=2)
-        return None
-    return result
+def failed_columns(cfg: DictConfig, run: RunDir) -> set[str]:
+    """The column labels a recorded failure of this cell blanks: all of them when training or the whole evaluation
+    failed, the failed tasks' columns when only some tasks did."""
+    failures = run.failures()
+    labels = {c.label for c in cfg.eval.columns}
+    if "train" in failures:
+        return labels
+    if "eval" not in failures:
+        return set()
+    scope = run.failure_scope("eval")
+    return labels if scope is None else {c.label for c in cfg.eval.columns if c.task in scope.get(c.stage, ())}
 
 
 def cell_values(cfg: DictConfig) -> dict[str, float | None]:
-    """{column label: percent or None} of one cell, from its current, readable, finite evaluation results."""
-    run, expected, results, values = RunDir(cfg.output_dir), cell_hash(cfg), {}, {}
+    """{column label: percent or None} of one cell, from its current, readable, finite evaluation results; None for
+    the columns a recorded failure of the cell covers."""
+    run, results, values = RunDir(cfg.output_dir), {}, {}
+    blank = failed_columns(cfg, run)
     for column in cfg.eval.columns:
+        if column.label in blank:
+            values[column.label] = None
+            continue
         if column.stage not in results:
-            results[column.stage] = stage_result(run, column.stage, expected)
+            results[column.stage] = current_result(cfg, column.stage)
         metric = (results[column.stage] or {}).get("metrics", {}).get(column.get("metric") or column.task)
         value = metric and metric.get("value")
         if metric and not (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -61,6 +67,8 @@ def cell_values(cfg: DictConfig) -> dict[str, float | None]:
 def cell_rho(cfg: DictConfig) -> dict[int, float] | None:
     """ρ_k on `pipeline.rho_module` of the cell's current adapter (None when missing, unreadable or stale)."""
     run = RunDir(cfg.output_dir)
+    if {"train", "diagnose"} & set(run.failures()):
+        return None
     try:
         found, record = read_json(run.diagnose), run.trained_record()
     except CorruptFile as err:
@@ -138,39 +146,94 @@ def cell_failures(cells: dict) -> dict[str, str]:
             for cell, cell_cfg in cells.items() if (failed := RunDir(cell_cfg.output_dir).failures())}
 
 
-def collect(cfg: DictConfig, cells: dict) -> bool:
-    """Tables (Markdown, LaTeX, CSV; beside the paper's when one matches), figure 2, W&B runs; whether it ran."""
-    out = Path(cfg.pipeline.results_dir)
+@dataclass
+class Summary:
+    """What collect shows, summarised from the cells' run directories."""
+
+    title: str
+    columns: list[dict]
+    long: list[dict]
+    stats: dict
+    rows: dict
+    rho: dict
+    methods: dict
+    table: tables.Table
+    failed: dict[str, str]
+    key: str
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for row in self.rows.values() for v in row.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.table.missing()
+
+
+def summarise(cfg: DictConfig, cells: dict) -> Summary:
+    """The table, its spread over seeds, ρ_k and the failures of every cell; `key` hashes everything it depends on."""
     columns = [{"label": c.label, "role": c.role} for c in cfg.eval.columns]
     long = long_rows(cfg, cells)
     stats = spread.summarize(long)
     rows, rho, methods = method_rows(cfg, cells, stats)
     table = tables.build(columns, rows, reference=[name for name, m in methods.items() if not trains(m)],
                          spread={name: {c: s["std"] for c, s in stats[name].items()} for name in rows})
-    paper, failed = cfg.pipeline.paper_table, cell_failures(cells)
-    key = content_hash({"inputs": input_hashes(cells), "columns": columns, "failed": failed, "paper": paper,
-                        "rows": {name: as_dict(m) for name, m in methods.items()},
+    failed = cell_failures(cells)
+    key = content_hash({"inputs": input_hashes(cells), "columns": columns, "failed": failed,
+                        "paper": cfg.pipeline.paper_table, "rows": {name: as_dict(m) for name, m in methods.items()},
                         "rho_module": cfg.pipeline.rho_module})
-    try:
-        done = read_json(out / "collect.json")
-    except CorruptFile as err:  # rewritten below
-        log.warning("%s", err)
-        done = None
-    print(tables.to_markdown(table, title=f"{cfg.experiment_name}: {cfg.model.name} on {cfg.data.name}"))
-    if done and done["hash"] == key and (out / "figure2.png").exists():
-        log.info("%s is up to date", out)
-        return False
-    for cell, why in failed.items():
-        warnings.warn(f"{cell} failed ({why}): its cells are shown as —", stacklevel=2)
-    for row, column in table.missing():
-        warnings.warn(f"no result for {row} / {column}: shown as —", stacklevel=2)
     title = f"{cfg.experiment_name}: {cfg.model.name} on {cfg.data.name} (seeds {list(cfg.pipeline.seeds)})"
-    atomic_write_text(out / "table.md", tables.to_markdown(table, title=title))
-    atomic_write_text(out / "table.tex", tables.to_latex(table, caption=title))
-    atomic_write_text(out / "table.csv", tables.to_csv(table))
-    published = tables.paper_table(paper, columns)[0] if paper else None
+    return Summary(title, columns, long, stats, rows, rho, methods, table, failed, key)
+
+
+def collect(cfg: DictConfig, cells: dict) -> bool:
+    """Tables (Markdown, LaTeX, CSV; beside the paper's when one matches), figure 2, W&B runs; whether it ran.
+
+    Never destroys a result: after a failed once-step (fetch, svd) or with no result at all, nothing but
+    failed.json is written; an incomplete table goes to `partial/` when a complete one is already there."""
+    results = ResultsDir(cfg.pipeline.results_dir)
+    summary = summarise(cfg, cells)
+    steps = results.step_failures()
+    print(tables.to_markdown(summary.table, title=f"{cfg.experiment_name}: {cfg.model.name} on {cfg.data.name}"))
+    for cell, why in summary.failed.items():
+        warnings.warn(f"{cell} failed ({why}): its cells are shown as —", stacklevel=2)
+    if steps or summary.empty:
+        results.write_failures(steps, summary.failed)
+        why = "; ".join(f"{step} failed: {error}" for step, error in steps.items()) or "no cell has a result"
+        raise RuntimeError(f"no table written ({why}); {results.root} is left as it was, the failures are in "
+                           f"{results.failed}")
+    out = results if summary.complete or not results.holds_complete_table() else results.partial
+    done = out.collect_record()
+    results.write_failures({}, summary.failed)
+    if out is results:
+        results.remove_partial()  # superseded by a complete table
+    if done and done["hash"] == summary.key and out.figure2.with_suffix(".png").exists():
+        log.info("%s is up to date", out.root)
+        return False
+    for row, column in summary.table.missing():
+        warnings.warn(f"no result for {row} / {column}: shown as —", stacklevel=2)
+    write(cfg, cells, summary, out)
+    if out is results:
+        print(f"tables, figure 2 and the dashboard written to {out.root}")
+    else:
+        print(f"{results.root} holds a complete table and is kept; this run's incomplete one is in {out.root}")
+    if tracking.effective_mode(cfg.wandb.mode) != "disabled":
+        for cell_cfg in cells.values():
+            log_cell(cell_cfg)
+        log_table(cfg, cells, summary.stats, out)
+    return True
+
+
+def write(cfg: DictConfig, cells: dict, summary: Summary, out: ResultsDir) -> None:
+    """Every file of a results directory from a summary."""
+    table, stats, rho, methods, title = summary.table, summary.stats, summary.rho, summary.methods, summary.title
+    atomic_write_text(out.table.with_suffix(".md"), tables.to_markdown(table, title=title))
+    atomic_write_text(out.table.with_suffix(".tex"), tables.to_latex(table, caption=title))
+    atomic_write_text(out.table.with_suffix(".csv"), tables.to_csv(table))
+    paper = cfg.pipeline.paper_table
+    published = tables.paper_table(paper, summary.columns)[0] if paper else None
     if published is not None:
-        atomic_write_text(out / "paper.md", "\n\n".join([
+        atomic_write_text(out.paper, "\n\n".join([
             tables.to_markdown(published, title=f"The paper's {paper}"),
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
     forgetting = {name: table.forget_avg(name) for name in rho}
@@ -182,24 +245,18 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     if rho:
         quoted = (paper_rho(cfg.model.name, cfg.pipeline.rho_module),
                   {name: published.forget_avg(name) for name in published.rows} if published is not None else {})
-        figure2(rho, forgetting, out / "figure2", colors=colors, module=cfg.pipeline.rho_module, title=title,
+        figure2(rho, forgetting, out.figure2, colors=colors, module=cfg.pipeline.rho_module, title=title,
                 errors=errors, paper=quoted, drift=drift)
-    atomic_write_text(out / "long.csv", spread.to_csv(long))
+    atomic_write_text(out.long, spread.to_csv(summary.long))
     write_paired(cfg, cells, methods, out, title)
-    dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out / "dashboard", colors,
+    dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out.dashboard, colors,
                      title=title)
-    atomic_write_text(out / "collect.json", json.dumps({"hash": key, "rows": rows, "stats": stats, "rho": rho,
-                                                        "failed": failed, "paper_table": paper, **provenance()},
-                                                       indent=2))
-    if tracking.effective_mode(cfg.wandb.mode) != "disabled":
-        for cell_cfg in cells.values():
-            log_cell(cell_cfg)
-        log_table(cfg, cells, stats)
-    print(f"tables, figure 2 and the dashboard written to {out}")
-    return True
+    atomic_write_text(out.collected, json.dumps({"hash": summary.key, "rows": summary.rows, "stats": stats, "rho": rho,
+                                                 "failed": summary.failed, "complete": summary.complete,
+                                                 "paper_table": paper, **provenance()}, indent=2))
 
 
-def write_paired(cfg: DictConfig, cells: dict, methods: dict, out: Path, title: str) -> None:
+def write_paired(cfg: DictConfig, cells: dict, methods: dict, out: ResultsDir, title: str) -> None:
     """Each method's paired difference to `pipeline.compare_to` (and that method's to the base row), with
     bootstrap intervals (oplora.paired): `paired.json`, `paired.md`, printed."""
     names = {m.name: name for name, m in methods.items()}
@@ -210,24 +267,21 @@ def write_paired(cfg: DictConfig, cells: dict, methods: dict, out: Path, title: 
     text = paired.to_markdown(pairs, [c.label for c in cfg.eval.columns],
                               f"Paired differences, {paired.LEVEL:.0%} bootstrap interval over questions and seeds "
                               f"({paired.B} draws; * excludes 0): {title}")
-    atomic_write_text(out / "paired.json", json.dumps({"reference": reference, "base": base, "level": paired.LEVEL,
-                                                       "draws": paired.B, "pairs": pairs}, indent=2))
-    atomic_write_text(out / "paired.md", text)
+    atomic_write_text(out.paired.with_suffix(".json"), json.dumps({"reference": reference, "base": base,
+                                                                   "level": paired.LEVEL, "draws": paired.B,
+                                                                   "pairs": pairs}, indent=2))
+    atomic_write_text(out.paired.with_suffix(".md"), text)
     print(text)
 
 
-def log_table(cfg: DictConfig, cells: dict, stats: dict[str, dict]) -> None:
+def log_table(cfg: DictConfig, cells: dict, stats: dict[str, dict], out: ResultsDir) -> None:
     """The collect run (oplora.tracking.log_collect): per method the column means and the averages' mean ± s.e."""
-    out = Path(cfg.pipeline.results_dir)
     labels = [c.label for c in cfg.eval.columns]
     keys = ("finetune_avg", "forget_avg", "avg")
     columns = ["method", *labels, *keys, *(f"{k}_stderr" for k in keys), "seeds"]
     data = [[name, *(s[label]["mean"] for label in labels), *(s[k]["mean"] for k in keys),
              *(s[k]["stderr"] for k in keys), s["avg"]["n"]] for name, s in stats.items()]
-    names = ("table.md", "table.tex", "table.csv", "long.csv", "collect.json", "figure2.png", "figure2.pdf",
-             "dashboard.png", "paper.md", "paired.md", "paired.json")
-    files = [out / f for f in names if (out / f).exists()]
-    found = read_json(out / "paired.json") if (out / "paired.json").exists() else None
-    tracking.log_collect(cfg, list(cells.values()), {"columns": columns, "data": data}, files,
+    found = read_json(out.paired.with_suffix(".json"))
+    tracking.log_collect(cfg, list(cells.values()), {"columns": columns, "data": data}, out.artifacts(),
                          (found or {}).get("pairs"))
     dashboard.publish(cfg)

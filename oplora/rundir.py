@@ -60,8 +60,14 @@ class RunDir:
         """{step: error} of every step that failed for this cell and has not succeeded since."""
         return {p.stem: json.loads(p.read_text())["error"] for p in sorted((self.root / "failed").glob("*.json"))}
 
-    def record_failure(self, step: str, error: str, trace: str) -> None:
-        atomic_write_text(self.failure(step), json.dumps({"step": step, "error": error, "traceback": trace}, indent=2))
+    def record_failure(self, step: str, error: str, trace: str, scope: dict[str, list[str]] | None = None) -> None:
+        """Why `step` failed; `scope` ({stage: [task]}) when only those tasks failed (their columns show —)."""
+        atomic_write_text(self.failure(step), json.dumps({"step": step, "error": error, "traceback": trace,
+                                                          "scope": scope}, indent=2))
+
+    def failure_scope(self, step: str) -> dict[str, list[str]] | None:
+        """{stage: [task]} when only those tasks of a failed step failed; None when the whole step failed."""
+        return (read_json(self.failure(step)) or {}).get("scope")
 
     def clear_failure(self, step: str) -> None:
         self.failure(step).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from helpers import adapt, compose, eval_overrides, train
 from helpers import settings as adapter_settings
 from oplora.evaluation import harness, math_eval
-from oplora.evaluation.cell import evaluate
+from oplora.evaluation.cell import TasksFailed, evaluate
 from oplora.evaluation.math_score import gsm8k_gold
 from oplora.export import export_adapter, save_initial
 from oplora.record import config_hash
@@ -130,7 +130,7 @@ def test_bad_evaluation_input_is_refused_with_the_reason(run, tasks, tmp_path):
         evaluate(compose(*run, "eval.columns=[{label:X,stage:bleu,task:x,role:finetune}]"))
     with pytest.raises(ValueError, match="use the stages lm_eval"):
         evaluate(compose(*run, *eval_overrides(tasks, "eval.only=[math]")))
-    with pytest.raises(ValueError, match="no task 'toy_missing'.*include_path"):
+    with pytest.raises(TasksFailed, match="no task 'toy_missing'.*include_path"):  # only its column fails
         evaluate(compose(*run, *eval_overrides(tasks), "eval.force=true",
                          "eval.columns=[{label:X,stage:lm_eval,task:toy_missing,role:finetune}]"))
     with pytest.raises(ValueError, match="method=base is the untrained model"):

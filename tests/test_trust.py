@@ -126,20 +126,24 @@ def test_stale_corrupt_and_reevaluated_results_in_the_table(grid):
 
     with pytest.warns(UserWarning, match="stale"):  # the training config changed, the cell was not retrained
         run(compose(*args, "pipeline.step=collect", "train.lr=1e-2"), [*args, "train.lr=1e-2"])
-    assert collected(root)["rows"]["LoRA"]["Capitals"] is None
+    partial = root / "tables" / "partial"  # an incomplete table never replaces the complete one
+    assert collected(root)["rows"]["LoRA"]["Capitals"] == 75.0
+    assert json.loads((partial / "collect.json").read_text())["rows"]["LoRA"]["Capitals"] is None
 
     oplora = root / "runs" / "oplora16" / "seed42" / "eval" / "lm_eval.json"
     saved = oplora.read_text()
     oplora.write_text(saved[: len(saved) // 2])  # truncated
     with pytest.warns(UserWarning, match=r"lm_eval\.json is not valid JSON"):
         run(compose(*args, "pipeline.step=collect"), args)
-    rows = collected(root)["rows"]
+    rows = json.loads((partial / "collect.json").read_text())["rows"]
     assert rows["OPLoRA-16"]["Capitals"] is None and rows["LoRA"]["Capitals"] == 75.0  # the others still shown
     oplora.write_text(saved.replace('"value": ', '"value": NaN, "was": ', 1))
     with pytest.warns(UserWarning, match="is not a number"):
         run(compose(*args, "pipeline.step=collect"), args)
-    assert "nan" not in (root / "tables" / "table.md").read_text().lower()
+    assert "nan" not in (partial / "table.md").read_text().lower()
     oplora.write_text(saved)
+    run(compose(*args, "pipeline.step=collect"), args)  # complete again: written in place, partial/ removed
+    assert collected(root)["rows"]["OPLoRA-16"]["Capitals"] is not None and not partial.exists()
 
 
 def test_the_base_row_is_keyed_on_the_model_and_task_data_on_their_content(grid, tasks):

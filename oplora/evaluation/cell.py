@@ -16,10 +16,12 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from oplora.artifacts import ArtifactUnavailable
 from oplora.config import trains
 from oplora.evaluation import STAGES
 from oplora.evaluation.target import Target, merged_dir
@@ -93,23 +95,72 @@ def read_previous(path: Path) -> dict:
         return {}
 
 
+class TasksFailed(RuntimeError):
+    """Some tasks of the cell's stages failed (each named with its error); the others' results were written."""
+
+    def __init__(self, failed: dict[str, dict[str, str]]):
+        self.scope = {stage: sorted(tasks) for stage, tasks in failed.items()}
+        super().__init__("; ".join(f"{stage}/{task}: {why}" for stage, tasks in failed.items()
+                                   for task, why in tasks.items()))
+
+
+def stage_key(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str) -> str:
+    """What a stage's result depends on: its tasks, settings, limit, the evaluated model, the content of its local
+    data and the training config. A result carrying another key is stale."""
+    settings = as_dict(cfg.eval[name])
+    return content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": stage_limit(cfg, name),
+                         "target": target.identity(), "data": local_data(settings), "train_config_hash": chash})
+
+
+def stage_limit(cfg: DictConfig, name: str) -> int | None:
+    return cfg.eval[name].get("limit") or cfg.eval.limit
+
+
+def current_result(cfg: DictConfig, stage: str) -> dict | None:
+    """The cell's result of one stage when it is readable and was computed for the cell's current config and eval
+    settings; None (with a warning naming the file) otherwise. Every reader of results goes through here."""
+    path = RunDir(cfg.output_dir).eval_result(stage)
+    try:
+        result = read_json(path)
+    except CorruptFile as err:
+        warnings.warn(f"{err}: its columns are shown as —", stacklevel=2)
+        return None
+    if result is None:
+        return None
+    try:
+        target, chash = target_for(cfg)
+        expected = stage_key(cfg, stage, stage_tasks(cfg.eval.columns)[stage], target, chash)
+    except (OSError, ValueError) as err:  # not trained (any more), another config, an edited adapter
+        warnings.warn(f"{path} is stale, it does not belong to the cell as configured now ({err}): its columns are "
+                      "shown as —", stacklevel=2)
+        return None
+    if result.get("stage_hash") != expected:
+        warnings.warn(f"{path} was computed for another config or other eval settings of this cell (stale): its "
+                      "columns are shown as — until the cell is evaluated again", stacklevel=2)
+        return None
+    return result
+
+
 def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str, merged) -> tuple[Path, bool]:
-    """Run (or skip, when finished with the same hash) one stage; (its result file, whether it ran)."""
+    """Run (or skip, when finished with the same hash) one stage; (its result file, whether it ran).
+
+    A task that fails is recorded in the result's `failed` (its columns show —) and the stage goes on with the next;
+    the finished tasks stay in the partial file, so a rerun does only the failed ones. TasksFailed is raised at the
+    end of `evaluate`."""
     run = RunDir(cfg.output_dir)
     out = run.eval_result(name)
-    settings = as_dict(cfg.eval[name])
-    limit = settings.get("limit") or cfg.eval.limit
+    settings, limit = as_dict(cfg.eval[name]), stage_limit(cfg, name)
     identity = target.identity()
-    key = content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": limit, "target": identity,
-                        "data": local_data(settings), "train_config_hash": chash})
-    if read_previous(out).get("stage_hash") == key and not cfg.eval.force:
+    key = stage_key(cfg, name, tasks, target, chash)
+    previous = read_previous(out)
+    if previous.get("stage_hash") == key and not previous.get("failed") and not cfg.eval.force:
         log.info("%s: finished with these settings (hash %s); eval.force=true redoes it", out, key[:12])
         return out, False
     partial_path = run.eval_partial(name)
     partial = read_previous(partial_path)
     if partial.get("stage_hash") != key or cfg.eval.force:
         partial = {"stage_hash": key, "tasks": {}}
-    stage = None
+    stage, failed = None, {}
     for task in tasks:
         if task in partial["tasks"]:
             log.info("%s/%s: already evaluated, resuming after it", name, task)
@@ -118,17 +169,25 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
         if stage is None:
             use_merged = STAGES[name].generates or cfg.eval.merge
             stage = STAGES[name](target, settings, limit, run.eval_work(name), merged() if use_merged else None)
-        result = stage.run(task)
-        check_metrics(name, task, result)
+        try:
+            result = stage.run(task)
+            check_metrics(name, task, result)
+        except FloatingPointError:  # a broken model: every task would be meaningless
+            raise
+        except Exception as err:  # one task's failure (its data, its loader) must not hide the others' results
+            log.error("%s/%s failed: %s", name, task, err)
+            failed[task] = f"{type(err).__name__}: {err}"
+            continue
         partial["tasks"][task] = result
         atomic_write_text(partial_path, json.dumps(partial, indent=2))
     results = partial["tasks"].values()
     record = {"stage": name, "stage_hash": key, "run": str(run.root), "target": identity,
               "train_config_hash": chash, "settings": settings, "limit": limit, "tasks": tasks,
               "metrics": {k: v for r in results for k, v in r["metrics"].items()},
-              "details": {k: v for r in results for k, v in r["details"].items()}, **provenance()}
+              "details": {k: v for r in results for k, v in r["details"].items()}, "failed": failed, **provenance()}
     atomic_write_text(out, json.dumps(record, indent=2))
-    partial_path.unlink(missing_ok=True)
+    if not failed:
+        partial_path.unlink(missing_ok=True)
     log.info("%s: %s", out, {k: round(v["value"], 4) for k, v in record["metrics"].items()})
     return out, True
 
@@ -142,7 +201,11 @@ def local_data(settings, found: dict | None = None) -> dict[str, str]:
         if isinstance(value, (dict, list)):
             local_data(value, found)
         elif isinstance(value, str) and (value.startswith(PREFIX) or "/" in value or value.endswith(DATA_FILES)):
-            path = Path(resolve(value))
+            try:
+                path = Path(resolve(value))
+            except ArtifactUnavailable:  # its tasks fail on their own; the stage's other tasks run
+                found[value] = "unavailable"
+                continue
             if path.exists():
                 found[value] = content_digest(path)
     return found
@@ -167,8 +230,13 @@ def evaluate(cfg: DictConfig) -> dict[str, tuple[Path, bool]]:
             cache.append(merged_dir(target, merge_to))
         return cache[0]
 
-    outputs = {name: run_stage(cfg, name, wanted[name], target, chash, merged) for name in only}
-    if not cfg.eval.keep_merged and target.adapter and merge_to.exists():
-        shutil.rmtree(merge_to)
+    try:
+        outputs = {name: run_stage(cfg, name, wanted[name], target, chash, merged) for name in only}
+    finally:  # also when a stage failed: a 7B merge in float32 is 27 GB
+        if not cfg.eval.keep_merged and target.adapter and merge_to.exists():
+            shutil.rmtree(merge_to)
+    failed = {name: found for name, (path, _) in outputs.items() if (found := read_json(path).get("failed"))}
+    if failed:
+        raise TasksFailed(failed)
     return outputs
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from oplora.artifacts import ArtifactUnavailable
 from oplora.evaluation.code_eval import sandboxed_code_eval
 from oplora.evaluation.common import check_generations, check_loglikelihoods
 from oplora.evaluation.target import Target
@@ -46,9 +47,33 @@ def _task_manager(include_path: tuple[str, ...]):
     return TaskManager(include_path=list(include_path) or None)
 
 
+@functools.cache
+def _include(name: str) -> tuple[str | None, str | None]:
+    """(the directory, None) of an include path, or (None, why) when its data cannot be had."""
+    try:
+        return resolve(name), None
+    except ArtifactUnavailable as err:
+        return None, str(err)
+
+
+def unavailable_includes(include_path: list[str]) -> dict[str, str]:
+    """{include path: why} of the task directories whose data cannot be had (their tasks are unknown to lm_eval)."""
+    return {str(p): why for p in include_path if (why := _include(str(p))[1])}
+
+
 def task_manager(include_path: list[str]):
-    """lm_eval's task index (about 15 s to build), built once per include path."""
-    return _task_manager(tuple(resolve(str(p)) for p in include_path))
+    """lm_eval's task index (about 15 s to build), built once per include path. A built-in task directory whose data
+    cannot be had is left out, so the other tasks still run; its tasks are unknown, and `evaluate_task` says why."""
+    return _task_manager(tuple(found for p in include_path if (found := _include(str(p))[0])))
+
+
+def check_known(manager, task: str, include_path: list[str]) -> None:
+    """lm_eval knows `task`; else an error saying why: a task directory whose data could not be had, or none given."""
+    if manager.match_tasks([task]) == []:
+        if missing := unavailable_includes(include_path):
+            raise ArtifactUnavailable(f"lm_eval knows no task {task!r}; these task directories could not be built:\n"
+                                      + "\n".join(f"{name}: {why}" for name, why in missing.items()))
+        raise ValueError(f"lm_eval knows no task {task!r}; add its YAML directory to eval.lm_eval.include_path")
 
 
 def load_lm(target: Target, settings: dict, merged: str | None):
@@ -87,8 +112,7 @@ def evaluate_task(lm, task: str, settings: dict, limit: int | None, samples_path
     from lm_eval import simple_evaluate
 
     manager = manager or task_manager(settings["include_path"])
-    if manager.match_tasks([task]) == []:
-        raise ValueError(f"lm_eval knows no task {task!r}; add its YAML directory to eval.lm_eval.include_path")
+    check_known(manager, task, settings["include_path"])
     with sandboxed_code_eval(settings.get("sandbox", "bwrap"), manager):  # generated code runs only in the sandbox
         out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
                               num_fewshot=settings["num_fewshot"].get(task), log_samples=True,
