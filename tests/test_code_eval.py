@@ -74,6 +74,17 @@ def test_evaluator_passes_canonical_solutions_and_fails_a_wrong_one(tmp_path):
     assert json.load(open(result["evaluator_output"]))["eval"][wrong][0]["base_status"] == "fail"
 
 
+def test_samples_must_cover_every_task(tmp_path):
+    problems = read_jsonl(humaneval_plus_file(tmp_path / "he.jsonl", limit=2))
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": problems[0]["task_id"], "solution": "pass"}) + "\n")
+    with pytest.raises(ValueError, match=f"{samples} has no sample of 1 task.*{problems[1]['task_id']}"):
+        evaluate_samples(samples, "humaneval", tmp_path / "he.jsonl")
+    samples.write_text(json.dumps({"task_id": problems[0]["task_id"]}) + "\n")
+    with pytest.raises(ValueError, match=f"{samples}:1: a sample needs a task_id and a solution"):
+        evaluate_samples(samples, "humaneval", tmp_path / "he.jsonl")
+
+
 @pytest.mark.slow
 def test_run_evalplus_codegen_end_to_end_fresh_each_run(tmp_path):
     model = tiny_dir("llama")

@@ -1,8 +1,13 @@
 """Model-generated code runs only in the bubblewrap sandbox: malicious solutions through evalplus's real evaluator."""
 
+import concurrent.futures
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import evaluate
@@ -11,7 +16,7 @@ import pytest
 from oplora import sandbox
 from oplora.demo_data import MC_TASK
 from oplora.evaluation.code import evaluate_samples, humaneval_plus_file, run_evalplus
-from oplora.evaluation.code_eval import sandboxed_code_eval
+from oplora.evaluation.code_eval import SandboxedCodeEval, sandboxed_code_eval
 
 ORIGINAL_LOAD = evaluate.load
 
@@ -223,3 +228,210 @@ def test_lm_eval_stage_scores_generated_code_only_in_the_sandbox(tiny_dirs, tmp_
                            TaskManager(include_path=[str(tmp_path)], include_defaults=False))
     assert result["metrics"]["toy_code"]["value"] == 1.0  # every probe held, the honest test passed
     assert list(outside.iterdir()) == []
+
+
+# The sandbox protects the score as well as the machine (issue 22): nothing a candidate writes is read back, each
+# candidate runs alone, and every run has a deadline and memory and process limits.
+
+HANG_GUARD_S = 300  # a hang fails the test instead of stalling the suite; no timing is asserted
+WRONG = "    return None\n"
+
+
+def finishes(function, *args, **kwargs):
+    """`function(*args, **kwargs)` (its value, or its exception raised here), or a test failure when it hangs."""
+    future = concurrent.futures.Future()
+
+    def call():  # in a daemon thread: a hung one does not hold the test run either
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as err:  # raised again in the test's thread
+            future.set_exception(err)
+
+    threading.Thread(target=call, daemon=True).start()
+    try:
+        return future.result(HANG_GUARD_S)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"{function.__name__} hung")
+
+
+def evaluate_with(tmp_path, extras: list[str | None], **kwargs) -> tuple[list[str], dict]:
+    """evalplus's evaluator on the first len(extras) HumanEval problems: problem i's solution is its canonical one with
+    extras[i] appended, or a wrong one (`return None`) where extras[i] is None."""
+    problems = [json.loads(line) for line in open(humaneval_plus_file(tmp_path / "he.jsonl", limit=len(extras)))]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": p["task_id"], "solution": p["prompt"] + (
+        WRONG if extra is None else p["canonical_solution"] + "\n" + extra)}) + "\n"
+                               for p, extra in zip(problems, extras, strict=True)))
+    result = finishes(evaluate_samples, samples, "humaneval", tmp_path / "he.jsonl", **kwargs)
+    return [d["base"] for d in result["details"]], result
+
+
+def forged_results(task_ids) -> str:
+    """evalplus's result file, every task passing: evalplus keeps such a file when it finds one."""
+    verdict = {"solution": "", "base_status": "pass", "plus_status": "pass", "base_fail_tests": [],
+               "plus_fail_tests": []}
+    return json.dumps({"date": "", "hash": "", "eval": {t: [{"task_id": t, **verdict}] for t in task_ids}})
+
+
+PLANT = """
+import io, posix
+for _dir in ("/scratch", "/tmp", posix.getcwd()):
+    try:
+        {action}
+    except Exception:
+        pass
+"""
+
+
+def test_a_planted_result_file_forges_no_verdict(tmp_path):
+    """One solution writes an all-pass evalplus result file wherever it can; the five others are wrong."""
+    task_ids = [f"HumanEval/{i}" for i in range(6)]
+    write = f"io.open(_dir + '/samples_eval_results.json', 'w').write({forged_results(task_ids)!r})"
+    verdicts, result = evaluate_with(tmp_path, [PLANT.format(action=write)] + [None] * 5)
+    assert verdicts == ["pass"] + ["fail"] * 5
+    assert result["metrics"]["humaneval"]["pass@1"] == pytest.approx(1 / 6)  # not 1.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the attack reads a root-only file through the host running as root")
+def test_a_planted_symlink_is_never_followed(tmp_path):
+    """A solution points the result file at /etc/shadow (which exists in the sandbox, unreadable there); the host,
+    as root, must not copy it out."""
+    link = "posix.symlink('/etc/shadow', _dir + '/samples_eval_results.json')"
+    verdicts, result = evaluate_with(tmp_path, [PLANT.format(action=link), ""])
+    assert verdicts == ["pass", "pass"]
+    shadow = Path("/etc/shadow").read_bytes()
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes() == shadow] == []
+    assert not any(p.is_symlink() for p in tmp_path.rglob("*"))
+
+
+def test_a_stopped_evaluator_fails_its_candidate_only(tmp_path):
+    """SIGSTOP to the process that runs evalplus's check: the sandbox's deadline ends it, the others are scored."""
+    stop = "import posix, signal\nposix.kill(posix.getppid(), signal.SIGSTOP)\n"
+    verdicts, result = evaluate_with(tmp_path, ["", stop, ""], deadline_s=10)
+    assert verdicts == ["pass", "fail", "pass"]
+    assert "deadline of 10 s" in result["details"][1]["error"] and "error" not in result["details"][0]
+
+
+def test_a_killed_check_fails_its_candidate_and_all_killed_fail_the_stage(tmp_path):
+    """SIGKILL to the process that runs evalplus's check: that solution fails with a record; when no solution gets a
+    verdict at all, the stage fails with an error instead of scoring 0."""
+    kill = "import posix, signal\nposix.kill(posix.getppid(), signal.SIGKILL)\n"
+    verdicts, result = evaluate_with(tmp_path, [kill, ""])
+    assert verdicts == ["fail", "pass"] and result["details"][0]["error"].startswith("no verdict: exit status")
+    with pytest.raises(RuntimeError, match="no solution of .* got a verdict"):
+        evaluate_with(tmp_path, [kill, kill])
+
+
+MEMORY_PROBE = """
+import mmap
+try:
+    mmap.mmap(-1, 5 << 30)
+except (OSError, MemoryError):
+    pass
+else:
+    raise AssertionError("5 GiB of address space")
+"""
+PROCESS_PROBE = """
+import posix
+_forks = 0
+try:
+    for _ in range(200):
+        if posix.fork() == 0:
+            posix._exit(0)
+        _forks += 1
+except OSError:
+    pass
+assert _forks < 200, _forks
+"""
+
+
+def test_memory_and_processes_are_limited_in_evalplus(tmp_path):
+    """Probes appended to canonical solutions: each passes only when its limit holds (memory: evalplus's own 4 GiB,
+    which the sandbox enforces as well; processes: 200 forks, unlimited before)."""
+    verdicts, _ = evaluate_with(tmp_path, [MEMORY_PROBE, PROCESS_PROBE, ""])
+    assert verdicts == ["pass", "pass", "pass"]
+
+
+ADD_TEST = "assert add(2, 3) == 5"
+RIGHT, WRONG_ADD = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a * b\n"
+
+
+def code_eval_verdicts(programs: list[str], test: str = ADD_TEST, **kwargs) -> list[dict]:
+    """SandboxedCodeEval on one candidate per problem, each problem with `test`: the per-candidate results."""
+    _, results = finishes(SandboxedCodeEval("bwrap").compute, predictions=[[p] for p in programs],
+                          references=[test] * len(programs), k=[1], **kwargs)
+    return [results[i][0][1] for i in range(len(programs))]
+
+
+def test_code_eval_candidates_cannot_rewrite_each_other(tmp_path):
+    """Program 0 rewrites every Python file it can reach, before the ten wrong programs run (one worker)."""
+    rewrite = RIGHT + """
+import glob, os
+for _path in glob.glob(os.getcwd() + "/**/*.py", recursive=True) + glob.glob("/tmp/**/*.py", recursive=True):
+    try:
+        open(_path, "w").write("pass\\n")
+    except OSError:
+        pass
+"""
+    results = code_eval_verdicts([rewrite] + [WRONG_ADD] * 10, num_workers=1)
+    assert [r["passed"] for r in results] == [True] + [False] * 10  # main: all eleven pass
+
+
+def test_code_eval_limits_and_deadline(tmp_path):
+    """A program that stops its parent and itself ends at the deadline; 2 GiB and 200 forks are refused."""
+    stop = "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGSTOP)\nexcept OSError:\n    pass\n" \
+           "os.kill(os.getpid(), signal.SIGSTOP)\n"
+    memory = "import mmap\nm = mmap.mmap(-1, 2 << 30)\n"
+    forks = "import os\nfor _ in range(200):\n    if os.fork() == 0:\n        os._exit(0)\n"
+    results = code_eval_verdicts([RIGHT + stop, RIGHT + memory, RIGHT + forks, RIGHT], timeout=2.0)
+    assert [r["passed"] for r in results] == [False, False, False, True]
+    assert results[0]["result"].startswith("timed out") and "deadline" in results[0]["result"]
+    assert "Cannot allocate memory" in results[1]["result"] or "MemoryError" in results[1]["result"]
+    assert "Resource temporarily unavailable" in results[2]["result"]
+
+
+def test_sandbox_runs_through_a_symlinked_venv(tmp_path):
+    """With the venv reached through a symlink, the sandbox binds the real directories and runs the interpreter
+    from there (it used to exit 127: setpriv could not execute .../venv/bin/python)."""
+    venv = tmp_path / "venv"
+    venv.symlink_to(Path(sys.prefix).resolve(), target_is_directory=True)
+    script = ("import sys\nfrom oplora import sandbox\n"
+              "outcome = sandbox.run([sys.executable, '-c', 'import evalplus.eval; print(6 * 7)'], {}, 'bwrap', "
+              "sandbox.Limits(deadline_s=60))\n"
+              "print(outcome.failure(), outcome.stdout.decode())\n")
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "42"]  # the venv's packages import inside
+
+
+def test_the_deadline_kills_every_process_of_the_sandbox():
+    """A run that stops itself and leaves children behind: when `run` returns, none of them is left."""
+    token = f"{os.getpid()}.{threading.get_ident() % 1000}"  # sleep's argument, unique to this test
+    script = f"sleep 1{token} & (sleep 2{token} &) ; kill -STOP $$"
+    outcome = sandbox.run(["/bin/sh", "-c", script], {}, "bwrap", sandbox.Limits(deadline_s=2))
+    assert outcome.failure() == "exceeded the sandbox's wall-clock deadline of 2 s"
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and token in read_cmdline(p)]
+    assert left == []
+
+
+def read_cmdline(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""
+
+
+def test_sandbox_outputs_are_read_as_plain_files_only(tmp_path):
+    """What sandboxed code may have written is never followed through a link, never a fifo, never too big."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "result.json").write_text("{}")
+    (tmp_path / "out" / "link.json").symlink_to("/etc/hostname")
+    (tmp_path / "linked-dir").symlink_to(tmp_path / "out")
+    os.mkfifo(tmp_path / "out" / "fifo.json")
+    assert sandbox.read_output(tmp_path, "out/result.json", max_bytes=2) == b"{}"
+    refused = {"out/link.json": "symlink", "linked-dir/result.json": "symlink", "out/fifo.json": "not a regular file",
+               "out/result.json": "larger than 1 bytes", "../out/result.json": "not a plain relative name"}
+    for name, why in refused.items():
+        with pytest.raises(sandbox.UntrustedOutput, match=f"{tmp_path / name}: .*{why}"):
+            sandbox.read_output(tmp_path, name, max_bytes=1 if name == "out/result.json" else 100)

