@@ -3,11 +3,12 @@
 Every method is compared with a reference method (`pipeline.compare_to`, LoRA) on the same questions and seeds,
 and the reference with the base model. Per column and seed s, d_s is the mean over questions of (method −
 reference), in the column's unit (points for accuracies); the difference reported is the mean of the d_s over
-the S seeds. Its interval is the t-interval over seeds, mean ± t_{0.975, S−1} · sd(d_s) / √S: a training seed is
-the unit of replication, and with few seeds its spread dominates, so only this interval gives the `*` (excludes 0).
-It needs S ≥ 2. Beside it, the percentile interval of B bootstrap draws over questions (one draw of question
-indices for every seed and both methods), the seeds held fixed: how far the question sample alone moves the mean,
-conditional on these seeds. With one seed that is the only interval, and no `*`. "Forget avg": per seed, the mean
+the S seeds. Its interval is the t-interval over seeds, mean ± t_{0.975, S−1} · sd(d_s) / √S (S ≥ 2): a training
+seed is the unit of replication, and only this interval gives the `*` (excludes 0). Beside it, the percentile
+interval of B bootstrap draws over questions (one draw of question indices for every seed and both methods), the
+seeds held fixed: how far the question sample alone moves the mean, conditional on these seeds. Every seed answers
+the same questions, so the t-interval does not contain that uncertainty; read the two together. With one seed the
+conditional interval is the only one, and there is no `*`. "Forget avg": per seed, the mean
 of the forgetting columns' d_s, then the same two intervals. The per-question values are the stages' own
 per-document records (lm_eval's samples, the KL stage's per-prompt scores).
 """
@@ -40,6 +41,8 @@ LEGEND = (f"Each cell: the mean difference over seeds, its {LEVEL:.0%} t-interva
           f"excludes 0), and in parentheses the {LEVEL:.0%} bootstrap interval over questions ({B} draws), "
           "conditional on the seeds. With one seed there is no interval over seeds: only the conditional one, "
           "and no *.")
+
+
 def items(cfg, column) -> dict[str, float] | None:
     """{question id: the column's per-question value × scale} of one cell, from its stage's per-document records."""
     run = RunDir(cfg.output_dir)
