@@ -18,6 +18,8 @@ The statistic, fixed before looking at the other methods (issue 25):
 - beside it, a bootstrap over questions conditional on the seeds: each draw resamples the learning questions and,
   independently, the forgetting prompts, one draw of indices for every point of every method and seed (and the
   origin), and recomputes every point, envelope and interpolation at the same L.
+The figure (`frontier_figure`) draws per method the mean over seeds of its per-seed envelopes, the curve the table
+reads at L (not the envelope of the seeds pooled, which sinks as seeds are added).
 """
 
 from __future__ import annotations
