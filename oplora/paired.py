@@ -1,19 +1,27 @@
-"""Paired differences between methods, with a bootstrap confidence interval over questions and seeds.
+"""Paired differences between methods: a t-interval over seeds, and beside it a bootstrap over questions.
 
 Every method is compared with a reference method (`pipeline.compare_to`, LoRA) on the same questions and seeds,
-and the reference with the base model: per column, the mean over seeds and questions of (method − reference),
-in the column's unit (points for accuracies), and a 95 % percentile interval from `B` bootstrap replicates, each
-drawing the seeds and, independently per column, the questions with replacement (the same draw for both sides of
-the pair). "Forget avg" is the mean of the forgetting columns' differences under the same draws. The per-question
-values are the stages' own per-document records (lm_eval's samples, the KL stage's per-prompt scores).
+and the reference with the base model. Per column and seed s, d_s is the mean over questions of (method −
+reference), in the column's unit (points for accuracies); the difference reported is the mean of the d_s over
+the S seeds. Its interval is the t-interval over seeds, mean ± t_{0.975, S−1} · sd(d_s) / √S (S ≥ 2): a training
+seed is the unit of replication, and only this interval gives the `*` (excludes 0). Beside it, the percentile
+interval of B bootstrap draws over questions (one draw of question indices for every seed and both methods), the
+seeds held fixed: how far the question sample alone moves the mean, conditional on these seeds. Every seed answers
+the same questions, so the t-interval does not contain that uncertainty; read the two together. With one seed the
+conditional interval is the only one, and there is no `*`. "Forget avg": per seed, the mean
+of the forgetting columns' d_s, then the same two intervals. The per-question values are the stages' own
+per-document records (lm_eval's samples, the KL stage's per-prompt scores).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
+from scipy import stats
 
 from oplora.io import CorruptFile, read_json
 from oplora.rundir import RunDir
@@ -23,6 +31,16 @@ B = 2000
 SEED = 0
 LEVEL = 0.95
 Items = dict[int, dict[str, float]]  # seed -> question id -> value
+INTERVALS = {
+    "low, high": f"{LEVEL:.0%} t-interval over seeds of the per-seed mean differences, mean ± t(S−1)·sd/√S; "
+                 "null with one seed; excludes_zero (*) comes only from it",
+    "cond_low, cond_high": f"{LEVEL:.0%} percentile interval of {B} bootstrap draws over questions, conditional on "
+                           "the seeds (the seeds held fixed)",
+}
+LEGEND = (f"Each cell: the mean difference over seeds, its {LEVEL:.0%} t-interval over seeds [low, high] (* when it "
+          f"excludes 0), and in parentheses the {LEVEL:.0%} bootstrap interval over questions ({B} draws), "
+          "conditional on the seeds. With one seed there is no interval over seeds: only the conditional one, "
+          "and no *.")
 
 
 def items(cfg, column) -> dict[str, float] | None:
@@ -59,9 +77,15 @@ def gather(cfg, cells: dict) -> dict[str, dict[str, Items]]:
     return out
 
 
-def matrix(ours: Items, ref: Items) -> np.ndarray | None:
-    """[seed, question] of ours − ref over the questions both have; a single-seed reference (the base row) is
-    paired with every seed of ours."""
+class Diffs(NamedTuple):
+    """[seed, question] of (ours − ref): one row per seed in `seeds`, the same questions in every row."""
+    seeds: list[int]
+    values: np.ndarray
+
+
+def matrix(ours: Items, ref: Items) -> Diffs | None:
+    """ours − ref over the seeds and questions both have; a single-seed reference (the base row) is paired with
+    every seed of ours."""
     if len(ref) == 1:
         seeds, only = sorted(ours), next(iter(ref.values()))
         side = lambda s: only  # noqa: E731
@@ -72,42 +96,64 @@ def matrix(ours: Items, ref: Items) -> np.ndarray | None:
     questions = sorted(set.intersection(*(set(ours[s]) & set(side(s)) for s in seeds)))
     if not questions:
         return None
-    return np.array([[ours[s][q] - side(s)[q] for q in questions] for s in seeds])
+    return Diffs(seeds, np.array([[ours[s][q] - side(s)[q] for q in questions] for s in seeds]))
 
 
-def bootstrap(diffs: dict[str, np.ndarray], forget: list[str], b: int = B, seed: int = SEED) -> dict[str, dict]:
-    """Per column and for the forgetting average: {diff, low, high, seeds, questions, sd} (95 % percentile interval;
-    sd: the standard deviation of the per-(seed, question) differences, for the power arithmetic in the README)."""
+def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float] | None:
+    """mean ± t_{(1+level)/2, n−1} · sd / √n (sd with n − 1) over `values`; None with fewer than 2 values."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return None
+    half = stats.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def excludes_zero(interval: tuple[float, float] | None) -> bool:
+    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+
+def percentile_interval(draws: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def resample_means(values: np.ndarray, rng: np.random.Generator, b: int) -> np.ndarray:
+    """[b, row]: each row's mean over questions under b bootstrap draws of the question indices (columns), the same
+    draw for every row."""
+    n = values.shape[-1]
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=b)
+    return counts @ np.atleast_2d(values).T / n
+
+
+def summary(per_seed: dict[int, float], draws: np.ndarray, questions: int, sd: float | None) -> dict:
+    """The JSON record of one difference: its per-seed values, both intervals (INTERVALS) and the sizes."""
+    t = t_interval(list(per_seed.values()))
+    cond = percentile_interval(draws)
+    return {"diff": float(np.mean(list(per_seed.values()))), "low": t[0] if t else None, "high": t[1] if t else None,
+            "excludes_zero": excludes_zero(t), "cond_low": cond[0], "cond_high": cond[1], "seeds": len(per_seed),
+            "per_seed": {str(s): float(d) for s, d in per_seed.items()}, "questions": questions, "sd": sd}
+
+
+def intervals(diffs: dict[str, Diffs], forget: list[str], b: int = B, seed: int = SEED) -> dict[str, dict]:
+    """Per column and for the forgetting average: `summary` (sd: the standard deviation of the per-(seed, question)
+    differences, for the power arithmetic in the README; None for the average)."""
     rng = np.random.default_rng(seed)
-    n_seeds = {m.shape[0] for m in diffs.values()}
-    point = {c: float(m.mean()) for c, m in diffs.items()}
+    draws = {c: resample_means(d.values, rng, b) for c, d in diffs.items()}  # [b, seed]
+    out = {c: summary(dict(zip(d.seeds, d.values.mean(axis=1), strict=True)), draws[c].mean(axis=1), d.values.shape[1],
+                      float(d.values.std(ddof=1)) if d.values.size > 1 else None) for c, d in diffs.items()}
     averaged = [c for c in forget if c in diffs]
-    if averaged and len(n_seeds) == 1:
-        point[FORGET_AVG] = float(np.mean([point[c] for c in averaged]))
-    draws: dict[str, list[float]] = {c: [] for c in point}
-    s = n_seeds.pop() if len(n_seeds) == 1 else None
-    for _ in range(b):
-        picked = rng.integers(s, size=s) if s else None
-        means = {}
-        for c, m in diffs.items():
-            rows = m[picked] if s else m[rng.integers(m.shape[0], size=m.shape[0])]
-            means[c] = float(rows[:, rng.integers(m.shape[1], size=m.shape[1])].mean())
-            draws[c].append(means[c])
-        if FORGET_AVG in point:
-            draws[FORGET_AVG].append(float(np.mean([means[c] for c in averaged])))
-    tail = 100 * (1 - LEVEL) / 2
-    out = {}
-    for c, value in point.items():
-        low, high = np.percentile(draws[c], [tail, 100 - tail])
-        shape = diffs[c].shape if c in diffs else diffs[averaged[0]].shape
-        out[c] = {"diff": value, "low": float(low), "high": float(high), "seeds": shape[0],
-                  "questions": shape[1] if c in diffs else sum(diffs[a].shape[1] for a in averaged),
-                  "sd": float(diffs[c].std(ddof=1)) if c in diffs and diffs[c].size > 1 else None}
+    common = sorted(set.intersection(*(set(diffs[c].seeds) for c in averaged))) if averaged else []
+    if common:
+        rows = {c: [diffs[c].seeds.index(s) for s in common] for c in averaged}
+        per_seed = {s: float(np.mean([out[c]["per_seed"][str(s)] for c in averaged])) for s in common}
+        mean_draws = np.mean([draws[c][:, rows[c]].mean(axis=1) for c in averaged], axis=0)
+        out[FORGET_AVG] = summary(per_seed, mean_draws, sum(diffs[c].values.shape[1] for c in averaged), None)
     return out
 
 
 def compare(cfg, cells: dict, reference: str, base: str | None) -> dict[str, dict[str, dict]]:
-    """{"<method> − <reference>": {column: interval}} for every other method, and "<reference> − <base>"."""
+    """{"<method> − <reference>": {column: `summary`}} for every other method, and "<reference> − <base>"."""
     found = gather(cfg, cells)
     forget = [c.label for c in cfg.eval.columns if c.role == "forget"]
     if reference not in found:
@@ -120,19 +166,27 @@ def compare(cfg, cells: dict, reference: str, base: str | None) -> dict[str, dic
         diffs = {c: m for c in found[ours] if c in found[ref]
                  and (m := matrix(found[ours][c], found[ref][c])) is not None}
         if diffs:
-            out[f"{ours} − {ref}"] = bootstrap(diffs, forget)
+            out[f"{ours} − {ref}"] = intervals(diffs, forget)
     return out
 
 
+def signed(x: float) -> str:
+    return f"{x:+.2f}"
+
+
 def to_markdown(pairs: dict[str, dict[str, dict]], columns: list[str], title: str) -> str:
-    """One row per pair: each column's difference and its 95 % interval; * marks an interval that excludes 0."""
+    """One row per pair: the seeds, and per column the difference, its t-interval over seeds (* when it excludes 0)
+    and the bootstrap interval over questions conditional on the seeds (LEGEND)."""
     labels = [c for c in [*columns, FORGET_AVG] if any(c in p for p in pairs.values())]
-    lines = [f"**{title}**", "", "| Pair | " + " | ".join(labels) + " |", "|:--|" + "--:|" * len(labels)]
+    lines = [f"**{title}**", "", LEGEND, "", "| Pair | Seeds | " + " | ".join(labels) + " |",
+             "|:--|--:|" + "--:|" * len(labels)]
     for name, cols in pairs.items():
         cells = []
         for c in labels:
             r = cols.get(c)
-            cells.append("—" if r is None else f"{r['diff']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
-                         + ("*" if r["low"] > 0 or r["high"] < 0 else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            over_seeds = "" if r is None or r["low"] is None else f" [{signed(r['low'])}, {signed(r['high'])}]"
+            cells.append("—" if r is None else f"{signed(r['diff'])}{over_seeds}{'*' * r['excludes_zero']} "
+                         f"({signed(r['cond_low'])}, {signed(r['cond_high'])})")
+        seeds = sorted({r["seeds"] for r in cols.values()})
+        lines.append(f"| {name} | {'/'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

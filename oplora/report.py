@@ -257,19 +257,21 @@ def write(cfg: DictConfig, cells: dict, summary: Summary, out: ResultsDir) -> No
 
 
 def write_paired(cfg: DictConfig, cells: dict, methods: dict, out: ResultsDir, title: str) -> None:
-    """Each method's paired difference to `pipeline.compare_to` (and that method's to the base row), with
-    bootstrap intervals (oplora.paired): `paired.json`, `paired.md`, printed."""
+    """Each method's paired difference to `pipeline.compare_to` (and that method's to the base row), with a
+    t-interval over seeds and a bootstrap interval over questions conditional on the seeds (oplora.paired):
+    `paired.json`, `paired.md`, printed."""
     names = {m.name: name for name, m in methods.items()}
     reference, base = names.get(cfg.pipeline.compare_to), next((n for n, m in methods.items() if not trains(m)), None)
     if reference is None:
         return
     pairs = paired.compare(cfg, cells, reference, base)
     text = paired.to_markdown(pairs, [c.label for c in cfg.eval.columns],
-                              f"Paired differences, {paired.LEVEL:.0%} bootstrap interval over questions and seeds "
-                              f"({paired.B} draws; * excludes 0): {title}")
+                              f"Paired differences to {reference} ({paired.LEVEL:.0%} t-interval over seeds; "
+                              f"bootstrap over questions conditional on the seeds): {title}")
     atomic_write_text(out.paired.with_suffix(".json"), json.dumps({"reference": reference, "base": base,
                                                                    "level": paired.LEVEL, "draws": paired.B,
-                                                                   "pairs": pairs}, indent=2))
+                                                                   "intervals": paired.INTERVALS, "pairs": pairs},
+                                                                  indent=2))
     atomic_write_text(out.paired.with_suffix(".md"), text)
     print(text)
 

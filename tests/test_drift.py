@@ -1,17 +1,22 @@
 """The KL stage (the demo's continuous forgetting score) and the paired bootstrap of oplora.paired."""
 
+import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora.evaluation.drift import Stage, token_kl
 from oplora.evaluation.target import Target
-from oplora.paired import bootstrap, matrix
+from oplora.paired import Items, intervals, matrix, t_interval, to_markdown
+from oplora.report import write_paired
+from oplora.rundir import RunDir
 from oplora.tables import FORGET_AVG
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Which planet is the largest in the solar system?",
@@ -77,19 +82,103 @@ def test_base_row_scores_zero_without_loading_a_model(tmp_path):
     assert result["metrics"]["held"]["value"] == 0.0 and not result["details"]["held"]["computed"]
 
 
-def test_paired_bootstrap_pairs_seeds_and_questions():
+T_975_2 = 4.302652729911275  # t_{0.975, 2}: the 97.5 % quantile of Student's t with 2 degrees of freedom
+
+
+def seeds_with_means(means: dict[int, float], questions: int, rng, spread: float = 1.0) -> Items:
+    """{seed: {question: value}} whose per-seed mean is exactly `means[seed]` (zero-mean noise around it)."""
+    out = {}
+    for s, m in means.items():
+        noise = rng.normal(0, spread, questions)
+        out[s] = {str(q): float(m + v) for q, v in enumerate(noise - noise.mean())}
+    return out
+
+
+def test_paired_interval_is_a_t_interval_over_seeds_beside_a_conditional_bootstrap():
     rng = np.random.default_rng(1)
     ref = {s: {str(q): float(rng.integers(0, 2)) for q in range(400)} for s in (1, 2, 3)}
-    shifted = {s: {q: v + 1.0 for q, v in qs.items()} for s, qs in ref.items()}
-    exact = bootstrap({"A": matrix(shifted, ref)}, forget=["A"])
-    assert exact["A"]["diff"] == exact["A"]["low"] == exact["A"]["high"] == 1.0  # a constant shift has no spread
-    assert exact[FORGET_AVG]["diff"] == 1.0 and exact["A"]["seeds"] == 3 and exact["A"]["questions"] == 400
-    noisy = {s: {q: v + float(rng.normal(0.5, 2.0)) for q, v in qs.items()} for s, qs in ref.items()}
-    found = bootstrap({"A": matrix(noisy, ref), "B": matrix(ref, ref)}, forget=["A", "B"])
-    assert found["A"]["low"] < found["A"]["diff"] < found["A"]["high"] and found["A"]["low"] > 0.2
-    assert found["A"]["high"] - found["A"]["low"] < 4 * 1.96 * 2.0 / math.sqrt(1200)  # about ±1.96·σ/√(n·seeds)
-    assert found["B"]["diff"] == found["B"]["low"] == found["B"]["high"] == 0.0
-    assert found[FORGET_AVG]["diff"] == pytest.approx((found["A"]["diff"] + 0.0) / 2)
+    shift = seeds_with_means({1: 1.0, 2: 2.0, 3: 6.0}, 400, rng, spread=2.0)
+    ours = {s: {q: ref[s][q] + shift[s][q] for q in ref[s]} for s in ref}
+    forget_b = {s: {q: v + 3.0 * s for q, v in qs.items()} for s, qs in ref.items()}  # per seed: +3, +6, +9
+    found = intervals({"A": matrix(ours, ref), "B": matrix(forget_b, ref), "C": matrix(ref, ref)}, forget=["A", "B"])
+
+    # by hand: per-seed differences 1, 2, 6 -> mean 3, sd √((4 + 1 + 9) / 2) = √7, half-width t · √7 / √3
+    a = found["A"]
+    half = T_975_2 * math.sqrt(7) / math.sqrt(3)
+    assert a["per_seed"] == pytest.approx({"1": 1.0, "2": 2.0, "3": 6.0}) and a["diff"] == pytest.approx(3.0)
+    assert (a["low"], a["high"]) == pytest.approx((3 - half, 3 + half)) and a["low"] == pytest.approx(-3.5725, abs=1e-4)
+    assert not a["excludes_zero"] and a["seeds"] == 3 and a["questions"] == 400
+    # the question bootstrap, seeds fixed: about ± 1.96 · 2 / √(400 · 3) around 3 -- far narrower, and not the star
+    assert a["cond_low"] < 3 < a["cond_high"] and 2.5 < a["cond_low"] and a["cond_high"] < 3.5
+    assert t_interval([1.0, 2.0, 6.0]) == pytest.approx((3 - half, 3 + half))
+
+    # the forgetting average: per seed the mean over its columns, (1 + 3) / 2, (2 + 6) / 2, (6 + 9) / 2; then t
+    avg = found[FORGET_AVG]
+    per_seed = [2.0, 4.0, 7.5]
+    sd = math.sqrt(sum((x - np.mean(per_seed)) ** 2 for x in per_seed) / 2)
+    assert avg["per_seed"] == pytest.approx({"1": 2.0, "2": 4.0, "3": 7.5}) and avg["diff"] == pytest.approx(4.5)
+    assert (avg["low"], avg["high"]) == pytest.approx((4.5 - T_975_2 * sd / math.sqrt(3),
+                                                       4.5 + T_975_2 * sd / math.sqrt(3)))
+    assert avg["questions"] == 800 and avg["sd"] is None
+
+    b = found["B"]  # a constant shift within each seed: no question spread, the seeds' spread only
+    assert b["cond_low"] == pytest.approx(6.0) and b["cond_high"] == pytest.approx(6.0) and b["low"] < 6 < b["high"]
+    same = found["C"]
+    assert same["diff"] == same["low"] == same["high"] == same["cond_low"] == same["cond_high"] == 0.0
+    assert not same["excludes_zero"]
+    clear = intervals({"A": matrix(seeds_with_means({1: 5.0, 2: 5.2, 3: 4.9}, 50, rng), ref)}, forget=[])
+    assert clear["A"]["excludes_zero"] and clear["A"]["low"] > 0 and FORGET_AVG not in clear
+
+    one = intervals({"A": matrix({1: ours[1]}, {1: ref[1]})}, forget=["A"])["A"]  # one seed: no interval over seeds
+    assert one["low"] is None and one["high"] is None and not one["excludes_zero"] and one["cond_low"] > 0
+    text = to_markdown({"X − Y": {"A": one}, "Z − Y": {"A": a}, "W − Y": clear}, ["A"], "title")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["| X − Y"] == f"| X − Y | 1 | {one['diff']:+.2f} " \
+                              f"({one['cond_low']:+.2f}, {one['cond_high']:+.2f}) |"
+    assert rows["| Z − Y"] == f"| Z − Y | 3 | +3.00 [{a['low']:+.2f}, {a['high']:+.2f}] " \
+                              f"({a['cond_low']:+.2f}, {a['cond_high']:+.2f}) |"
+    assert f"{clear['A']['high']:+.2f}]* (" in rows["| W − Y"] and "conditional on the seeds" in text
+
     for base in ({42: ref[1]}, {1: ref[1]}):  # the base row: one evaluation, paired with every seed of the method
-        assert matrix(shifted, base).shape == (3, 400) and matrix(shifted, base)[2].tolist() != [1.0] * 400
+        paired_with = matrix(ours, base)
+        assert paired_with.seeds == [1, 2, 3] and paired_with.values.shape == (3, 400)
+        assert paired_with.values[2].tolist() != paired_with.values[0].tolist()
     assert matrix({1: {"a": 1.0}}, {2: {"b": 0.0}, 3: {"b": 0.0}}) is None  # nothing in common
+
+
+def test_paired_table_of_the_full_demo_loses_the_kl_star_of_lora_null(tmp_path):
+    """results/demo/full/long.csv: LoRA-Null − LoRA in KL ×100 per seed is +242.1, +423.4, +796.0. The bootstrap
+    over seeds and questions gave [+243, +791]*; over the three seeds the t-interval is [−214, +1189], no star."""
+    with open(Path(__file__).parents[1] / "results/demo/full/long.csv", encoding="utf-8") as f:
+        long = [r for r in csv.DictReader(f) if r["column"] == "KL ×100"]
+    kl = {label: {int(r["seed"]): float(r["value"]) for r in long if r["label"] == label}
+          for label in ("LoRA", "LoRA-Null")}
+    rng = np.random.default_rng(0)
+    columns = [{"label": "KL ×100", "stage": "kl", "task": "heldout", "role": "drift", "scale": 100}]
+    cells, methods = {}, {}
+    for label, name in (("LoRA", "lora"), ("LoRA-Null", "lora_null")):
+        methods[label] = OmegaConf.create({"name": name, "display": label})
+        for seed, values in seeds_with_means(kl[label], 200, rng, spread=50.0).items():
+            run = RunDir(tmp_path / name / str(seed))
+            samples = run.eval_result("kl").with_name("heldout.samples.jsonl")
+            samples.parent.mkdir(parents=True)
+            samples.write_text("".join(json.dumps({"doc_id": q, "kl": v / 100}) + "\n" for q, v in values.items()))
+            run.eval_result("kl").write_text(json.dumps({"metrics": {"heldout": {"metric": "kl"}},
+                                                         "details": {"heldout": {"samples": str(samples)}}}))
+            cells[(name, seed)] = OmegaConf.create({"output_dir": str(run.root), "seed": seed,
+                                                    "method": methods[label]})
+    cfg = OmegaConf.create({"pipeline": {"compare_to": "lora"}, "eval": {"columns": columns}})
+    write_paired(cfg, cells, methods, tmp_path, "demo full")
+
+    found = json.loads((tmp_path / "paired.json").read_text())["pairs"]["LoRA-Null − LoRA"]["KL ×100"]
+    per_seed = [kl["LoRA-Null"][s] - kl["LoRA"][s] for s in (1, 2, 3)]
+    mean = sum(per_seed) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in per_seed) / 2)
+    assert per_seed == pytest.approx([242.114, 423.414, 796.042], abs=1e-3)
+    assert (found["low"], found["high"]) == pytest.approx((mean - T_975_2 * sd / math.sqrt(3),
+                                                           mean + T_975_2 * sd / math.sqrt(3)))
+    assert (round(found["low"]), round(found["high"])) == (-214, 1189) and not found["excludes_zero"]
+    assert found["diff"] == pytest.approx(487.19, abs=0.01) and found["per_seed"] == pytest.approx(
+        {str(s): d for s, d in zip((1, 2, 3), per_seed, strict=True)})
+    row = next(line for line in (tmp_path / "paired.md").read_text().splitlines() if line.startswith("| LoRA-Null"))
+    assert "[-214.37, +1188.75] (" in row and "*" not in row
