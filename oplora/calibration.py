@@ -13,7 +13,8 @@ share an input share one C.
 `null_spaces` turns the covariances into the eigenvectors of the r smallest eigenvalues (float64,
 one `eigh` per distinct input, with progress) and caches them under `root/calibration/`, keyed by
 the model's weights, the corpus text's sha256 and the settings, so a resume or another training seed
-reuses them without running the model; a JSON next to them records the corpus.
+reuses them without running the model; a JSON next to them records the corpus. Every read is verified (the xxh3-128
+checksums stored with the tensors, one orthonormal n×r matrix per layer); a damaged file is named and recomputed.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from pathlib import Path
 import torch
 import xxhash
 from filelock import FileLock
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from oplora.io import atomic_file, atomic_write_text
 from oplora.record import content_hash
 from oplora.resources import is_hub_id, resolve
+from oplora.svd import tensor_checksums
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,14 @@ class CalibrationSettings:
     n_samples: int = 256
     seq_len: int = 2048
     seed: int = 233
+
+    def __post_init__(self):
+        for name in ("n_samples", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"calibration.{name}={value!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"calibration.seed={self.seed!r} must be an integer")
 
 
 def read_documents(settings: CalibrationSettings) -> list[str]:
@@ -175,9 +186,10 @@ def null_spaces(model: torch.nn.Module, layers: dict[str, torch.nn.Module], toke
     path = root / "calibration" / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # ranks of one job, or concurrent cells, compute it once
-        if path.exists():
+        cached = read_cache(path, list(layers), r)
+        if cached is not None:
             log.info("LoRA-Null null spaces read from %s", path)
-            return load_file(path)
+            return cached
         batches = windows(tokenizer, text, settings.n_samples, settings.seq_len, settings.seed)
         bos = tokenizer.bos_token_id is not None and all(int(w[0]) == tokenizer.bos_token_id for w in batches)
         record = {**asdict(settings), "corpus_sha256": digest, "corpus_chars": len(text), "windows": len(batches),
@@ -190,5 +202,45 @@ def null_spaces(model: torch.nn.Module, layers: dict[str, torch.nn.Module], toke
         result = {name: nulls[id(c)].clone().contiguous() for name, c in covs.items()}
         atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2))
         with atomic_file(path) as tmp:
-            save_file(result, tmp, metadata={"key": key, "corpus_sha256": digest})
+            save_file(result, tmp, metadata={"key": key, "corpus_sha256": digest,
+                                             "checksums": json.dumps(tensor_checksums(result))})
     return result
+
+
+ORTHONORMAL_TOLERANCE = 1e-10  # U_null is float64 eigenvectors: |UᵀU − I| is near 1e-15
+
+
+def read_cache(path: Path, layers: list[str], r: int) -> dict[str, torch.Tensor] | None:
+    """The null spaces cached at `path`, verified: the checksums stored with them match, every layer has one, and each
+    is an orthonormal n×r matrix. None when there is no file; a damaged one is named in a warning (then recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        nulls = load_file(path)
+        with safe_open(path, "pt") as f:
+            checksums = json.loads((f.metadata() or {}).get("checksums", "null"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        problem = f"cannot be read: {type(err).__name__}: {err}"
+    else:
+        problem = damage(nulls, checksums, layers, r)
+    if problem is None:
+        return nulls
+    log.warning("LoRA-Null calibration cache %s fails verification (%s): recomputing it", path, problem)
+    return None
+
+
+def damage(nulls: dict[str, torch.Tensor], checksums: dict | None, layers: list[str], r: int) -> str | None:
+    """What is wrong with cached null spaces, or None (see `read_cache`)."""
+    if checksums is None:
+        return "no stored checksums (written by an older version)"
+    if bad := [name for name, found in tensor_checksums(nulls).items() if checksums.get(name) != found]:
+        return f"checksum mismatch in {', '.join(bad)}"
+    if sorted(nulls) != sorted(layers):
+        return "null spaces of other layers"
+    for name, U in nulls.items():
+        if U.dim() != 2 or U.shape[1] != r:
+            return f"U_null of {name} is {tuple(U.shape)}, not n×{r}"
+        gap = float((U.T @ U - torch.eye(r, dtype=U.dtype)).abs().max())
+        if not gap <= ORTHONORMAL_TOLERANCE:
+            return f"U_null of {name} is not orthonormal: max |UᵀU − I| = {gap:.1e}"
+    return None

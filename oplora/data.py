@@ -7,7 +7,7 @@ response apart would start it with a word-start token (SentencePiece's "▁") th
 Which record fields fill the query and the response is a format string in the data config; `filter` keeps the
 records whose fields equal the given values (CodeFeedback's Python subset: `{lang: python}`). Tokenized datasets
 are cached on disk by a hash of everything that shapes the tokens: data, settings, the prompt, the tokenizer's
-content and this module's encoding code.
+content and this module's encoding code; a cache file that is unreadable or short of examples is named and rebuilt.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import string
 from pathlib import Path
 
 import datasets
+import pyarrow
 from filelock import FileLock
 
 from oplora.io import cache_root, content_digest, content_hash
@@ -125,8 +126,9 @@ def encode(record: dict, tokenizer, query: str, response: str, max_length: int) 
     prompt = PROMPT.format(query=query.format(**record))
     ids = tokenizer(prompt + response.format(**record) + "\n" + tokenizer.eos_token).input_ids
     n_prompt = len(tokenizer(prompt).input_ids)
-    labels = [IGNORE] * n_prompt + ids[n_prompt:]
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
+    labels = ([IGNORE] * n_prompt + ids[n_prompt:])[:max_length]
+    return {"input_ids": ids[:max_length], "labels": labels, "truncated": len(ids) > max_length,
+            "learns": any(t != IGNORE for t in labels)}
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -134,6 +136,23 @@ def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return content_hash([type(tokenizer).__name__, tokenizer.special_tokens_map,
                          backend.to_str() if backend else sorted(tokenizer.get_vocab().items())])
+
+
+def read_cache(cache: Path, records: int) -> datasets.Dataset | None:
+    """The tokenized examples cached in `cache`, or None when there is none; a damaged file (unreadable, or not one
+    example per record) is named in a warning and removed, to be rebuilt."""
+    if not cache.exists():
+        return None
+    try:
+        encoded = datasets.Dataset.from_file(str(cache))
+        if len(encoded) == records:
+            return encoded
+        problem = f"{len(encoded)} examples for {records} records"
+    except (OSError, pyarrow.ArrowException) as err:
+        problem = f"{type(err).__name__}: {err}"
+    log.warning("tokenized data cache %s is damaged (%s): rebuilding it", cache, problem)
+    cache.unlink()
+    return None
 
 
 def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
@@ -147,15 +166,16 @@ def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
     cache = cache_dir / "data" / f"{cfg.name}-{key[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache
-        encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,
-                                                     max_length=cfg.max_length),
-                              remove_columns=records.column_names, cache_file_name=str(cache), desc="tokenize")
-        kept = encoded.filter(lambda labels: any(t != IGNORE for t in labels), input_columns="labels",
-                              cache_file_name=str(cache.with_suffix(".kept.arrow")), desc="drop fully masked")
+        encoded = read_cache(cache, len(records))
+        if encoded is None:
+            encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,
+                                                         max_length=cfg.max_length),
+                                  remove_columns=records.column_names, cache_file_name=str(cache), desc="tokenize")
+    kept = encoded.filter(lambda learns: learns, input_columns="learns", batched=True, keep_in_memory=True)
     truncated, dropped = sum(encoded["truncated"]), len(encoded) - len(kept)
     log.info("data %s: %d examples, %d truncated to %d tokens, %d dropped (prompt fills max_length)",
              cfg.path, len(kept), truncated, cfg.max_length, dropped)
     if len(kept) == 0:
         raise ValueError(f"data {cfg.path}: every example's labels are masked (the prompt fills "
                          f"max_length={cfg.max_length}); raise data.max_length")
-    return kept.remove_columns("truncated")
+    return kept.remove_columns(["truncated", "learns"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +26,20 @@ def grid(cfg: DictConfig, overrides: list[str]) -> dict[Cell, DictConfig]:
     """Every cell's config: the trained cells (method × seed), then the base row when `pipeline.base`."""
     cells = [Cell(m, s) for m in cfg.pipeline.methods for s in cfg.pipeline.seeds]
     cells += [Cell("base", cfg.pipeline.seeds[0])] if cfg.pipeline.base else []
-    return {cell: compose([*overrides, f"method={cell.method}", f"seed={cell.seed}"]) for cell in cells}
+    configs = {cell: compose([*overrides, f"method={cell.method}", f"seed={cell.seed}"]) for cell in cells}
+    check_run_directories(configs)
+    return configs
+
+
+def check_run_directories(cells: dict[Cell, DictConfig]) -> None:
+    """Refuse cells that share a run directory: one would train, evaluate and record over the other."""
+    owners: dict[Path, list[str]] = {}
+    for cell, cfg in cells.items():
+        owners.setdefault(Path(cfg.output_dir).expanduser().resolve(), []).append(cell.name)
+    shared = "; ".join(f"{', '.join(sorted(names))} → {root}" for root, names in owners.items() if len(names) > 1)
+    if shared:
+        raise ValueError(f"cells share a run directory ({shared}): every cell needs its own output_dir; keep "
+                         "${method.label} and ${seed} in it (the default ends in ${method.label}/seed${seed})")
 
 
 def cells_of(step: Step, cells: dict[Cell, DictConfig]) -> list[Cell]:

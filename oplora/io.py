@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -65,15 +66,31 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def out_of_space(err: BaseException) -> bool:
+    """Whether an error is a full disk: OSError ENOSPC, or the bare Exception that Rust libraries (tokenizers,
+    safetensors) raise for it ("No space left on device (os error 28)")."""
+    return getattr(err, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(err)
+
+
+def no_space_error(target: Path, err: BaseException) -> OSError:
+    return OSError(errno.ENOSPC, f"no space left on the device while writing {target}: free space on that file system "
+                                 f"(df -h {target.parent}) or write elsewhere, then rerun ({err})")
+
+
 @contextmanager
 def atomic_file(path: str | Path):
-    """Yield a temporary sibling path to write; it replaces `path` when the block succeeds."""
+    """Yield a temporary sibling path to write; it replaces `path` when the block succeeds. A full disk is reported
+    as an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as err:
+        if out_of_space(err):
+            raise no_space_error(path, err) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -86,15 +103,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 @contextmanager
 def atomic_dir(target: str | Path):
-    """Yield a temporary sibling directory that replaces `target` when the block succeeds."""
+    """Yield a temporary sibling directory that replaces `target` when the block succeeds. A full disk is reported
+    as an OSError naming `target`."""
     target = Path(target)
     tmp = temporary_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_space(err):
+            raise no_space_error(target, err) from err
         raise
     if target.exists():
         old = target.with_name(f".{target.name}.old{os.getpid()}")

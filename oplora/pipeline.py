@@ -37,6 +37,7 @@ from oplora.io import atomic_write_text, cache_root, content_hash, read_json
 from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
 from oplora.models import check_gpu, compute_dtype, weights_digest
+from oplora.record import cell_hash
 from oplora.report import collect
 from oplora.results import ResultsDir
 from oplora.resources import resolve
@@ -80,9 +81,10 @@ def train_step(cfg: DictConfig) -> bool:
 def diagnose_step(cfg: DictConfig) -> bool:
     """ρ_k (and the other diagnostics) of a trained cell's exported adapter against the original weights."""
     run = RunDir(cfg.output_dir)
-    record = run.trained_record()
+    record = run.trained_record(cell_hash(cfg))
     if record is None:
-        raise FileNotFoundError(f"{run.record} does not exist: the cell has not been trained")
+        raise FileNotFoundError(f"{run.root} holds no finished training of this config ({run.record} is missing or "
+                                "records another config): train the cell first")
     check_adapter(run, record)
     base = resolve(cfg.model.path)
     if weights_digest(base) != record["base_digest"]:

@@ -70,7 +70,7 @@ def cell_rho(cfg: DictConfig) -> dict[int, float] | None:
     if {"train", "diagnose"} & set(run.failures()):
         return None
     try:
-        found, record = read_json(run.diagnose), run.trained_record()
+        found, record = read_json(run.diagnose), run.trained_record(cell_hash(cfg))
     except CorruptFile as err:
         warnings.warn(f"{err}: no ρ_k for this cell", stacklevel=2)
         return None
@@ -121,7 +121,7 @@ def loss_curves(cells: dict) -> dict[str, dict[int, list[tuple[int, float]]]]:
     """{method display name: {seed: [(step, training loss)]}} from the trained cells' run.json."""
     curves: dict[str, dict] = {}
     for cell_cfg in cells.values():
-        record = RunDir(cell_cfg.output_dir).trained_record() if trains(cell_cfg.method) else None
+        record = RunDir(cell_cfg.output_dir).trained_record(cell_hash(cell_cfg)) if trains(cell_cfg.method) else None
         if record:
             curves.setdefault(cell_cfg.method.display, {})[cell_cfg.seed] = [
                 (h["step"], h["loss"]) for h in record["log_history"] if "loss" in h]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from oplora.io import atomic_write_text, read_json, remove_stale_temporaries
+from oplora.io import CorruptFile, atomic_write_text, read_json, remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,16 @@ class RunDir:
         return self.root / "failed" / f"{step}.json"
 
     def failures(self) -> dict[str, str]:
-        """{step: error} of every step that failed for this cell and has not succeeded since."""
-        return {p.stem: json.loads(p.read_text())["error"] for p in sorted((self.root / "failed").glob("*.json"))}
+        """{step: error} of every step that failed for this cell and has not succeeded since. An unreadable record
+        still counts as a failure of its step, named."""
+        found = {}
+        for path in sorted((self.root / "failed").glob("*.json")):
+            try:
+                found[path.stem] = str((read_json(path) or {})["error"])
+            except (CorruptFile, KeyError, TypeError) as err:
+                found[path.stem] = (f"its failure record {path} is unreadable ({type(err).__name__}: {err}); rerun the "
+                                    "pipeline to retry the step (success removes the record)")
+        return found
 
     def record_failure(self, step: str, error: str, trace: str, scope: dict[str, list[str]] | None = None) -> None:
         """Why `step` failed; `scope` ({stage: [task]}) when only those tasks failed (their columns show —)."""
@@ -81,6 +89,10 @@ class RunDir:
         """What killed writers left behind here (`.adapter.tmpPID`, `.merged.tmpPID`, `.run.json.tmpPID`, …)."""
         return [p for d in (self.root, self.eval_dir) if d.is_dir() for p in remove_stale_temporaries(d)]
 
-    def trained_record(self) -> dict | None:
-        """run.json when training finished here, else None."""
-        return read_json(self.record)
+    def trained_record(self, expected: str | None = None) -> dict | None:
+        """run.json when training finished here, else None. With `expected` (the reader's `oplora.record.cell_hash`),
+        only a record of that config: the run of another cell or config is never read as the reader's."""
+        record = read_json(self.record)
+        if record is not None and expected is not None and record.get("config_hash") != expected:
+            return None
+        return record

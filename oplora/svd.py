@@ -16,8 +16,8 @@ the work. Files are safetensors, written atomically under a per-entry lock so th
 Every read is verified, so that a damaged or wrong entry can never reach training or diagnostics: the xxh3-128
 checksum of each tensor stored in the file's metadata must match, and the triples must fit the matrix W they are
 read for (`verify`, O(mnk), far below an SVD): residuals max_i ‖W v_i − σ_i u_i‖/σ_1, orthonormality of U and V, and
-no singular value above σ_k left in W − U_k S_k V_kᵀ (power iteration). An entry that fails is named in a warning and
-recomputed.
+no singular value above σ_k left in W − U_k S_k V_kᵀ (power iteration), within bounds set here, never read from the
+file. An entry that fails is named in a warning and recomputed.
 """
 
 from __future__ import annotations
@@ -158,13 +158,21 @@ def triple_residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.
 VERIFY_TOLERANCE = 1e-5  # float32 storage of exact triples leaves residuals near 1e-7
 
 
-def verify(W: torch.Tensor, entry: dict, power_iterations: int = 8) -> str | None:
-    """None when the entry's triples fit W, else what is wrong (see the module docstring); float64, O(mnk)."""
+def verify(W: torch.Tensor, entry: dict, mode: str, power_iterations: int = 8) -> str | None:
+    """None when the entry's triples fit W, else what is wrong (see the module docstring); float64, O(mnk).
+
+    Every bound comes from here, none from the entry: exact triples (exact mode, and bottom triples in every mode) must
+    fit W within VERIFY_TOLERANCE; the top triples of the other modes are approximations (refined mode's float64
+    iterations may stop short of REFINE_TARGET): they must have the residual the entry records, measured here, and
+    are held to twice that."""
     W64 = W.detach().double()
     sigma_1 = float(entry["S_top"][0])
-    tolerance = VERIFY_TOLERANCE + 2 * entry["residual"]  # randomized entries are approximations
+    top = tuple(entry[f"{x}_top"].double().to(W64.device) for x in "USV")
+    measured = triple_residual(W64, *top)
+    approximation = 0.0 if mode == "exact" else 2 * measured
     for end in ("top", "bot") if entry["bottom"] else ("top",):
-        U, S, V = (entry[f"{x}_{end}"].double().to(W64.device) for x in "USV")
+        U, S, V = top if end == "top" else (entry[f"{x}_bot"].double().to(W64.device) for x in "USV")
+        tolerance = VERIFY_TOLERANCE + (approximation if end == "top" else 0.0)
         residual = float(torch.linalg.vector_norm(W64 @ V - U * S, dim=0).max()) / sigma_1
         if residual > tolerance:
             return f"{end} triples do not fit the matrix: max ‖W v_i − σ_i u_i‖/σ_1 = {residual:.2e} > {tolerance:.0e}"
@@ -172,7 +180,7 @@ def verify(W: torch.Tensor, entry: dict, power_iterations: int = 8) -> str | Non
             gap = float((Q.T @ Q - torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)).abs().max())
             if gap > tolerance:
                 return f"{name}_{end} is not orthonormal: max |QᵀQ − I| = {gap:.2e} > {tolerance:.0e}"
-    U, S, V = (entry[f"{x}_top"].double().to(W64.device) for x in "USV")
+    U, S, V = top
     x = torch.randn(W64.shape[1], dtype=W64.dtype, device=W64.device, generator=torch.Generator(W64.device)
                     .manual_seed(0))
     rest = 0.0
@@ -181,8 +189,10 @@ def verify(W: torch.Tensor, entry: dict, power_iterations: int = 8) -> str | Non
         y = W64 @ x - U @ (S * (V.T @ x))
         rest = float(torch.linalg.vector_norm(y))
         x = W64.T @ y - V @ (S * (U.T @ y))
-    if rest > float(S[-1]) + tolerance * sigma_1:
+    if rest > float(S[-1]) + (VERIFY_TOLERANCE + approximation) * sigma_1:
         return f"W keeps a singular value {rest:.4g} above the last cached σ_k = {float(S[-1]):.4g}: triples missing"
+    if abs(measured - entry["residual"]) > VERIFY_TOLERANCE:
+        return f"its recorded residual {entry['residual']:.2e} is not the measured {measured:.2e}"
     return None
 
 
@@ -285,8 +295,7 @@ class SVDCache:
         with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata={"oplora": json.dumps(meta)})
 
-    @staticmethod
-    def _load(path: Path, W: torch.Tensor) -> dict | None:
+    def _load(self, path: Path, W: torch.Tensor) -> dict | None:
         """The entry at `path`, verified against its checksums and against W; None (with a warning) if it fails."""
         if not path.exists():
             return None
@@ -303,7 +312,7 @@ class SVDCache:
         elif bad := [name for name, sum_ in tensor_checksums(tensors).items() if checksums.get(name) != sum_]:
             problem = f"checksum mismatch in {', '.join(bad)}"
         else:
-            problem = verify(W, {**entry, **tensors})
+            problem = verify(W, {**entry, **tensors}, self.mode)
         if problem:
             log.warning("SVD cache file %s fails verification (%s); recomputing", path, problem)
             return None

@@ -101,6 +101,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("train.lora_dropout and train.warmup_ratio must lie in [0, 1)")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed={cfg.seed} must lie in 0..{2**32 - 1} (the seeds numpy and torch accept)")
     steps = cfg.train.max_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps > 0):
         raise ValueError(f"train.max_steps={steps!r} must be -1 (train all epochs) or a positive integer")
@@ -253,25 +255,14 @@ def check_final_weights(trainer: Trainer, step: int) -> None:
                                  f"{last or 'none'} (lower train.lr, or check the data)")
 
 
-def start_wandb(cfg: DictConfig) -> list[str]:
-    """Open the rank-0 W&B train run (oplora.tracking); the Trainer's callback logs into it."""
-    if tracking.effective_mode(cfg.wandb.mode) == "disabled":
-        return []
-    if is_main_process():
-        tracking.start(cfg, "train", cfg.output_dir)
-    return ["wandb"]
-
-
 def finished(cfg: DictConfig) -> bool:
     """Whether this exact training config already finished in its output_dir (and force is off)."""
-    record = RunDir(cfg.output_dir).trained_record()
-    return record is not None and record["config_hash"] == config_hash(cfg) and not cfg.force
+    return RunDir(cfg.output_dir).trained_record(config_hash(cfg)) is not None and not cfg.force
 
 
-def prepare_output(run: RunDir, cfg: DictConfig, chash: str) -> bool:
-    """True when this exact config already finished here. Checkpoints of another config are removed."""
-    if finished(cfg):
-        return True
+def prepare_output(run: RunDir, cfg: DictConfig, chash: str) -> None:
+    """Make the run directory this config's: checkpoints of another config (or all, with force) and the previous
+    run.json are removed. Called only once every check has passed and the model is built."""
     if is_main_process():
         previous = read_json(run.config)
         stale = previous is not None and previous["config_hash"] != chash
@@ -280,7 +271,6 @@ def prepare_output(run: RunDir, cfg: DictConfig, chash: str) -> bool:
             shutil.rmtree(run.checkpoints)
         run.record.unlink(missing_ok=True)
         atomic_write_text(run.config, json.dumps({"config": as_dict(cfg), "config_hash": chash}, indent=2))
-    return False
 
 
 def validate(cfg: DictConfig) -> AdapterSettings:
@@ -306,15 +296,18 @@ def validate(cfg: DictConfig) -> AdapterSettings:
 
 
 def train(cfg: DictConfig) -> Path:
+    """Train one cell. Nothing in its run directory changes until every check has passed: the settings
+    (`validate`), the tokenized data and the adapter's initialisation (SVD, calibration)."""
     run = RunDir(cfg.output_dir)
     settings = validate(cfg)
     chash = config_hash(cfg)
-    if is_main_process():
-        run.remove_stale_temporaries()
-    if prepare_output(run, cfg, chash):
+    if finished(cfg):
         log.info("%s already finished with this config (hash %s); force=true reruns it", run.root, chash[:12])
         return run.root
-    args = training_arguments(cfg, run, start_wandb(cfg))
+    if is_main_process():
+        run.remove_stale_temporaries()
+    logs_to_wandb = tracking.effective_mode(cfg.wandb.mode) != "disabled"
+    args = training_arguments(cfg, run, ["wandb"] if logs_to_wandb else [])
     cache = Path(cfg.cache_dir or cache_root())
     set_seed(cfg.seed)
 
@@ -324,8 +317,11 @@ def train(cfg: DictConfig) -> Path:
     train_set = data.tokenized(cfg.data, tokenizer, cache)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, compute_dtype(cfg.model)),
                                                  trust_remote_code=cfg.model.trust_remote_code)
-    with args.main_process_first(desc="the adapter's SVD and calibration caches"):  # the other ranks read them
-        model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)
+    with args.main_process_first(desc="the adapter's SVD and calibration caches and the run directory"):
+        model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)  # the other ranks read them
+        prepare_output(run, cfg, chash)
+    if logs_to_wandb and is_main_process():
+        tracking.start(cfg, "train", cfg.output_dir)  # the Trainer's callback logs into this run
     initial = None
     if get_method(settings.method).mutates_base:
         initial = run.initial_adapter

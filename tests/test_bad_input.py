@@ -1,6 +1,7 @@
 """Impossible settings and damaged inputs are refused with a clear message naming the setting or file."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,38 @@ def test_truncated_safetensors_name_the_file(tmp_path):
     (adapter / "adapter_config.json").write_text('{"r": 2, "lora_')
     with pytest.raises(ValueError, match="adapter_config.json cannot be read .* truncated or corrupt"):
         adapter_deltas(adapter)
+
+
+def test_a_bad_line_in_the_kl_prompts_names_the_file_and_line(tmp_path):
+    from oplora.evaluation.drift import read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    for bad, what in (('{"text": "cut', "is not JSON"), ('"a bare string"', "is not a JSON object"),
+                      ('{"id": 2}', "has no field 'text'")):
+        prompts.write_text(f'{{"id": 0, "text": "The sky is blue."}}\n\n{bad}\n')
+        with pytest.raises(ValueError, match=f"KL prompts {prompts} line 3 {what}.*: fix or remove that line"):
+            read_prompts(str(prompts), None)
+
+
+def test_a_full_disk_while_saving_the_tokenizer_names_the_directory(tiny_dirs, tmp_path, monkeypatch):
+    """The tokenizers library reports ENOSPC as a bare `Exception('No space left on device (os error 28)')`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+    from oplora.export import merge
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    save = PreTrainedTokenizerBase.save_pretrained
+
+    def onto_a_full_disk(self, directory, *args, **kwargs):
+        (Path(directory) / "tokenizer.json").symlink_to("/dev/full")  # every write there fails with ENOSPC
+        return save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", onto_a_full_disk)
+    merged = tmp_path / "merged"
+    with pytest.raises(OSError, match=f"no space left on the device while writing {merged}: free space on that file "
+                                      "system"):
+        merge(tiny_dirs["llama"], adapter, merged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the partial copy is gone

@@ -45,7 +45,7 @@ def test_metamath_slice_truncation_and_cache(data_files, tokenizer, tmp_path, ca
         encoded = tokenized(cfg, tokenizer, tmp_path)
     assert len(encoded) == 10 and max(len(x) for x in encoded["input_ids"]) == max_length
     assert f"10 examples, 10 truncated to {max_length} tokens, 0 dropped" in caplog.text
-    assert len(list((tmp_path / "data").glob("metamath100k-*.arrow"))) == 2  # tokenized + filtered, reused
+    assert len(list((tmp_path / "data").glob("metamath100k-*.arrow"))) == 1  # tokenized once, reused
     again = tokenized(cfg, tokenizer, tmp_path)
     assert again["input_ids"] == encoded["input_ids"]
 
@@ -102,4 +102,24 @@ def test_cache_key_follows_the_tokenizer_content_and_the_encoding_code(data_file
     tokenized(cfg, tokenizer, tmp_path)
     monkeypatch.setattr(data, "encode", lambda record, **kw: encode(record, **kw))  # other encoding code
     tokenized(cfg, tokenizer, tmp_path)
-    assert len(list((tmp_path / "data").glob("metamath100k-*.kept.arrow"))) == 3
+    assert len(list((tmp_path / "data").glob("metamath100k-*.arrow"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "short"])
+def test_a_damaged_tokenized_cache_is_named_and_rebuilt(damage, data_files, tokenizer, tmp_path, caplog):
+    cfg = compose("data=metamath100k", f"data.path={data_files['metamath100k']}").data
+    first = tokenized(cfg, tokenizer, tmp_path).to_dict()
+    (cache,) = (tmp_path / "data").glob(f"metamath100k-{'?' * 16}.arrow")
+    if damage == "truncated":
+        damaged = cache.read_bytes()[: cache.stat().st_size // 2]
+    else:  # a complete arrow file of fewer examples (the first 10 records): it reads without error
+        tokenized(compose("data=metamath100k", f"data.path={data_files['metamath100k']}", "data.limit=10").data,
+                  tokenizer, tmp_path / "ten")
+        (ten,) = (tmp_path / "ten" / "data").glob(f"metamath100k-{'?' * 16}.arrow")
+        damaged = ten.read_bytes()
+    (tmp_path / "damaged").write_bytes(damaged)
+    (tmp_path / "damaged").replace(cache)  # a new file: the cached dataset above still maps the old one
+    assert tokenized(cfg, tokenizer, tmp_path).to_dict() == first
+    assert f"tokenized data cache {cache} is damaged" in caplog.text and "rebuilding it" in caplog.text
+    caplog.clear()
+    assert tokenized(cfg, tokenizer, tmp_path).to_dict() == first and "damaged" not in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oplora.svd import SVDCache, matrix_key
+from oplora.svd import SVDCache, matrix_key, triple_residual
 
 
 def spectrum_matrix(m=96, n=80, seed=0) -> torch.Tensor:
@@ -156,8 +156,24 @@ def test_consistent_but_wrong_entry_fails_against_W(tmp_path, caplog, corrupt, p
     cache = SVDCache(tmp_path, min_rank=32)
     good = cache.top(W, 16)
     path = next(cache.dir.glob("*.safetensors"))
-    cache._save(path, corrupt(SVDCache._load(path, W)))  # checksums of the corrupted tensors
+    cache._save(path, corrupt(cache._load(path, W)))  # checksums of the corrupted tensors
     assert torch.allclose(cache.top(W, 16).S, good.S) and problem in caplog.text and str(path) in caplog.text
+
+
+@pytest.mark.parametrize("mode, claim", [("exact", "huge"), ("exact", "measured"), ("refined", "huge"),
+                                         ("randomized", "huge")])
+def test_the_tolerance_is_the_codes_not_the_files(mode, claim, tmp_path, caplog):
+    """Another matrix's triples whose metadata claims a huge residual (which once widened the tolerance to match),
+    or the residual they really have against W: an exact entry must fit W within the code's bound, an approximate
+    one (refined, randomized) must have the residual it records."""
+    W = spectrum_matrix(256, 192).float()
+    cache = SVDCache(tmp_path, mode=mode, min_rank=32)
+    good = cache.top(W, 16)
+    path = next(cache.dir.glob("*.safetensors"))
+    forged = other_matrix(cache._load(path, W))
+    measured = triple_residual(W, forged["U_top"], forged["S_top"], forged["V_top"])
+    cache._save(path, {**forged, "residual": 1e6 if claim == "huge" else measured})
+    assert torch.allclose(cache.top(W, 16).S, good.S) and f"SVD cache file {path} fails verification" in caplog.text
 
 
 def test_diagnose_measures_against_W_not_the_training_cache(tmp_path, caplog):
@@ -168,7 +184,7 @@ def test_diagnose_measures_against_W_not_the_training_cache(tmp_path, caplog):
     cache = SVDCache(tmp_path, min_rank=32)
     cache.top(W, 16)
     path = next(cache.dir.glob("*.safetensors"))
-    bad = rotted(SVDCache._load(path, W))
+    bad = rotted(cache._load(path, W))
     cache._save(path, bad)
     Q, _ = torch.linalg.qr(bad["U_top"][:, :16].double())  # the subspace that training kept its update out of
     X = torch.randn(256, 192, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -16,7 +16,8 @@ from helpers import compose
 from oplora.data import tokenized
 from oplora.evaluation.cell import evaluate
 from oplora.pipeline import diagnose_step, run
-from oplora.train import train
+from oplora.report import cell_rho, loss_curves
+from oplora.train import finished, train
 from test_pipeline import grid_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +54,17 @@ def test_a_bad_override_never_touches_a_finished_run(data_files, calibration_fil
     args = overrides(data_files, calibration_file, tmp_path / "run", "lora")
     out = train(compose(*args))
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    for bad, error in (("train.micro_batch_size=3", "not a multiple of micro_batch_size"),
-                       (f"data.path={tmp_path / 'typo.jsonl'}", "typo.jsonl does not exist"),
-                       ("train.lora_r=40", r"rank r=40 exceeds min\(m, n\)=32")):
+    for bad, error in (
+            (["train.micro_batch_size=3"], "not a multiple of micro_batch_size"),
+            ([f"data.path={tmp_path / 'typo.jsonl'}"], "typo.jsonl does not exist"),
+            (["train.lora_r=40"], r"rank r=40 exceeds min\(m, n\)=32"),
+            (["seed=-1"], r"seed=-1 must lie in 0\.\.4294967295"),
+            (["seed=4294967296"], r"seed=4294967296 must lie in 0\.\.4294967295"),
+            (["data.max_length=4"], r"every example's labels are masked .*raise data\.max_length"),
+            (["method=lora_null", f"calibration.source={calibration_file}", "calibration.n_samples=0"],
+             r"calibration\.n_samples=0 must be a positive integer")):
         with pytest.raises((ValueError, FileNotFoundError), match=error):
-            train(compose(*args, bad))
+            train(compose(*args, *bad))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -174,8 +181,15 @@ def test_a_swapped_adapter_or_another_base_is_refused(grid, tiny_dirs):
     shutil.copytree(tiny_dirs["llama"], other)
     weights = load_file(other / "model.safetensors")
     save_file({k: v * 1.01 for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="is not the base model .* was trained on"):
+    with pytest.raises(FileNotFoundError, match="holds no finished training of this config"):  # model.path is hashed
         diagnose_step(compose(*args, "method=lora", f"model.path={other}"))
+    changed = root / "base-changed-since"  # the same model.path, whose weights are no longer those trained on
+    shutil.copytree(lora, changed, ignore=shutil.ignore_patterns("eval", "diagnose.json"))
+    record = json.loads((changed / "run.json").read_text())
+    (changed / "run.json").write_text(json.dumps({**record, "base_digest": "0" * 32}))
+    with pytest.raises(ValueError, match="is not the base model .* was trained on"):
+        diagnose_step(compose(*(a for a in args if not a.startswith("output_dir=")), "method=lora",
+                              f"output_dir={changed}"))
 
 
 def test_a_broken_model_is_not_scored(grid, tasks):
@@ -210,3 +224,44 @@ def test_two_pipelines_on_one_directory_do_the_work_once(grid):
     assert len(summaries) == 2 and ran == 3, summaries  # each cell evaluated once, by whichever pipeline got it first
     for cell in ("lora", "oplora16", "base"):
         assert json.loads((root / "runs" / cell / "seed42" / "eval" / "lm_eval.json").read_text())["limit"] == 3
+
+
+def test_cells_sharing_a_run_directory_are_refused_before_any_work(data_files, tasks, tmp_path):
+    """output_dir without ${method.label}: LoRA and OPLoRA would train into one directory, and collect would publish
+    OPLoRA's ρ as LoRA's."""
+    shared = tmp_path / "shared"
+    args = [a for a in grid_overrides(data_files, tasks, tmp_path, "wandb=disabled") if not a.startswith("output_dir=")]
+    args.append(f"output_dir={shared}")
+    with pytest.raises(ValueError, match=r"cells share a run directory \(base/seed42, lora/seed42, oplora16/seed42 → "
+                                         f"{shared}\).*output_dir"):
+        run(compose(*args), args)
+    assert not shared.exists()
+
+
+def test_a_run_directory_is_read_only_by_the_cell_that_trained_it(grid):
+    """OPLoRA-16's run directory read with LoRA's config: its ρ, loss curve and adapter are not LoRA's."""
+    root, args = grid
+    foreign = root / "foreign"
+    shutil.copytree(root / "runs" / "oplora16" / "seed42", foreign, ignore=shutil.ignore_patterns("eval"))
+    lora = compose(*(a for a in args if not a.startswith("output_dir=")), "method=lora", f"output_dir={foreign}")
+    assert cell_rho(compose(*args, "method=oplora16")) is not None  # the owner reads it
+    assert cell_rho(lora) is None and loss_curves({"lora": lora}) == {}
+    with pytest.raises(FileNotFoundError, match=f"{foreign} holds no finished training of this config"):
+        diagnose_step(lora)
+    assert not finished(lora)
+
+
+def test_an_unreadable_failure_record_is_named_and_the_pipeline_goes_on(grid):
+    root, args = grid
+    record = root / "runs" / "lora" / "seed42" / "failed" / "train.json"
+    record.parent.mkdir(exist_ok=True)
+    record.write_text('{"step": "train", "err')  # truncated
+    try:
+        report = run(compose(*args, "pipeline.step=diagnose"), args)
+        assert report["blocked"]["diagnose"] == ["lora/seed42"] and report["skipped"]["diagnose"] == ["oplora16/seed42"]
+        with pytest.warns(UserWarning, match="lora/seed42 failed"):
+            run(compose(*args, "pipeline.step=collect"), args)
+        why = collected(root)["failed"]["lora/seed42"]
+        assert f"train: its failure record {record} is unreadable" in why and "rerun the pipeline" in why
+    finally:
+        record.unlink()

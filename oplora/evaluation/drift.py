@@ -29,10 +29,20 @@ def read_prompts(path: str, limit: int | None) -> list[dict]:
     file = Path(resolve(path))
     if not file.exists():
         raise FileNotFoundError(f"KL prompts {file} do not exist")
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if "text" not in row:
-            raise KeyError(f"{file} row {i} has no field 'text' (fields: {', '.join(row)})")
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problem = None if isinstance(row, dict) else "is not a JSON object"
+        except json.JSONDecodeError as err:
+            problem = f"is not JSON ({err})"
+        if problem is None and "text" not in row:
+            problem = f"has no field 'text' (fields: {', '.join(row)})"
+        if problem:
+            raise ValueError(f"KL prompts {file} line {number} {problem}: fix or remove that line")
+        rows.append(row)
     return rows[:limit] if limit else rows
 
 
