@@ -74,8 +74,12 @@ class RunDir:
                                                           "scope": scope}, indent=2))
 
     def failure_scope(self, step: str) -> dict[str, list[str]] | None:
-        """{stage: [task]} when only those tasks of a failed step failed; None when the whole step failed."""
-        return (read_json(self.failure(step)) or {}).get("scope")
+        """{stage: [task]} when only those tasks of a failed step failed; None when the whole step failed (or its
+        record is unreadable)."""
+        try:
+            return (read_json(self.failure(step)) or {}).get("scope")
+        except CorruptFile:
+            return None
 
     def clear_failure(self, step: str) -> None:
         self.failure(step).unlink(missing_ok=True)
