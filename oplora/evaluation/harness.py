@@ -70,9 +70,8 @@ def task_manager(include_path: list[str]):
 def check_known(manager, task: str, include_path: list[str]) -> None:
     """lm_eval knows `task`; else an error saying why: a task directory whose data could not be had, or none given."""
     if manager.match_tasks([task]) == []:
-        if missing := unavailable_includes(include_path):
-            raise ArtifactUnavailable(f"lm_eval knows no task {task!r}; these task directories could not be built:\n"
-                                      + "\n".join(f"{name}: {why}" for name, why in missing.items()))
+        if missing := unavailable_includes(include_path):  # its directory's data, most likely: say why
+            raise ArtifactUnavailable("\n".join(missing.values()))
         raise ValueError(f"lm_eval knows no task {task!r}; add its YAML directory to eval.lm_eval.include_path")
 
 
