@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from oplora.figures import method_colors, save
-from oplora.paired import B, LEVEL, SEED, excludes_zero, percentile_interval, resample_means, t_interval
+from oplora.paired import LEVEL, SEED, B, excludes_zero, percentile_interval, resample_means, t_interval
 
 Curve = list[tuple[float, float]]  # (learning, forgetting), learning strictly ascending
 TARGET_RULE = ("the reference method's learning at its best lr: per lr, the mean over seeds of its final "

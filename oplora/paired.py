@@ -23,8 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from oplora.io import CorruptFile, read_json
-from oplora.rundir import RunDir
+from oplora.evaluation.cell import current_result
 from oplora.tables import FORGET_AVG
 
 B = 2000
@@ -43,13 +42,10 @@ LEGEND = (f"Each cell: the mean difference over seeds, its {LEVEL:.0%} t-interva
           "and no *.")
 
 
-def items(cfg, column) -> dict[str, float] | None:
-    """{question id: the column's per-question value × scale} of one cell, from its stage's per-document records."""
-    run = RunDir(cfg.output_dir)
-    try:
-        result = read_json(run.eval_result(column.stage))
-    except CorruptFile:
-        return None
+def items(cfg, column, read=current_result) -> dict[str, float] | None:
+    """{question id: the column's per-question value × scale} of one cell, from its stage's per-document records;
+    `read(cfg, stage)` gives the stage's result (the current one, as the table reads it)."""
+    result = read(cfg, column.stage)
     key = column.get("metric") or column.task
     metric, details = (result or {}).get("metrics", {}).get(key), (result or {}).get("details", {}).get(column.task)
     if not metric or not details or not details.get("samples"):
@@ -66,12 +62,12 @@ def items(cfg, column) -> dict[str, float] | None:
     return found or None
 
 
-def gather(cfg, cells: dict) -> dict[str, dict[str, Items]]:
+def gather(cfg, cells: dict, read=current_result) -> dict[str, dict[str, Items]]:
     """{method display name: {column label: {seed: {question: value}}}} of every cell with per-question records."""
     out: dict[str, dict[str, Items]] = {}
     for cell_cfg in cells.values():
         for column in cfg.eval.columns:
-            found = items(cell_cfg, column)
+            found = items(cell_cfg, column, read)
             if found is not None:
                 out.setdefault(cell_cfg.method.display, {}).setdefault(column.label, {})[cell_cfg.seed] = found
     return out
@@ -152,9 +148,9 @@ def intervals(diffs: dict[str, Diffs], forget: list[str], b: int = B, seed: int 
     return out
 
 
-def compare(cfg, cells: dict, reference: str, base: str | None) -> dict[str, dict[str, dict]]:
+def compare(cfg, cells: dict, reference: str, base: str | None, read=current_result) -> dict[str, dict[str, dict]]:
     """{"<method> − <reference>": {column: `summary`}} for every other method, and "<reference> − <base>"."""
-    found = gather(cfg, cells)
+    found = gather(cfg, cells, read)
     forget = [c.label for c in cfg.eval.columns if c.role == "forget"]
     if reference not in found:
         warnings.warn(f"paired differences: no per-question records for {reference}; none computed", stacklevel=2)

@@ -39,8 +39,8 @@ from oplora.methods import get_method
 from oplora.models import check_gpu, compute_dtype, weights_digest
 from oplora.record import cell_hash
 from oplora.report import collect
-from oplora.results import ResultsDir
 from oplora.resources import resolve
+from oplora.results import ResultsDir
 from oplora.rundir import RunDir
 from oplora.svd import SVDCache, build
 from oplora.train import adapter_settings, finished, train

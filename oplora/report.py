@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from oplora import dashboard, paired, spread, tables, tracking
 from oplora.config import trains
-from oplora.evaluation.cell import current_result
+from oplora.evaluation.cell import current_result, stage_tasks
 from oplora.figures import figure2, paper_rho
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
 from oplora.record import as_dict, cell_hash, provenance
@@ -30,28 +30,10 @@ from oplora.rundir import RunDir
 log = logging.getLogger("oplora.report")
 
 
-def failed_columns(cfg: DictConfig, run: RunDir) -> set[str]:
-    """The column labels a recorded failure of this cell blanks: all of them when training or the whole evaluation
-    failed, the failed tasks' columns when only some tasks did."""
-    failures = run.failures()
-    labels = {c.label for c in cfg.eval.columns}
-    if "train" in failures:
-        return labels
-    if "eval" not in failures:
-        return set()
-    scope = run.failure_scope("eval")
-    return labels if scope is None else {c.label for c in cfg.eval.columns if c.task in scope.get(c.stage, ())}
-
-
 def cell_values(cfg: DictConfig) -> dict[str, float | None]:
-    """{column label: percent or None} of one cell, from its current, readable, finite evaluation results; None for
-    the columns a recorded failure of the cell covers."""
+    """{column label: percent or None} of one cell, from its current, readable, finite evaluation results."""
     run, results, values = RunDir(cfg.output_dir), {}, {}
-    blank = failed_columns(cfg, run)
     for column in cfg.eval.columns:
-        if column.label in blank:
-            values[column.label] = None
-            continue
         if column.stage not in results:
             results[column.stage] = current_result(cfg, column.stage)
         metric = (results[column.stage] or {}).get("metrics", {}).get(column.get("metric") or column.task)
@@ -86,9 +68,10 @@ def cell_averages(cfg: DictConfig, values: dict[str, float | None]) -> dict[str,
 
 
 def log_cell(cfg: DictConfig) -> None:
-    """The cell's W&B eval run (oplora.tracking.log_eval)."""
-    values = cell_values(cfg)
-    tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, cell_rho(cfg) or {})
+    """The cell's W&B eval run (oplora.tracking.log_eval), with its current result files only."""
+    values, rho, run = cell_values(cfg), cell_rho(cfg), RunDir(cfg.output_dir)
+    files = [run.eval_result(stage) for stage in stage_tasks(cfg.eval.columns) if current_result(cfg, stage)]
+    tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, rho or {}, files + [run.diagnose] * bool(rho))
 
 
 def method_rows(cfg: DictConfig, cells: dict, stats: dict) -> tuple[dict[str, dict], dict[str, dict], dict]:

@@ -148,8 +148,9 @@ def finish_train(cfg: DictConfig, adapter: Path) -> None:
     run.finish()
 
 
-def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, float]) -> None:
-    """One eval run per cell: summary keys, the ρ_k curve, its results artifact (and, online, its adapter)."""
+def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, float], files: list[Path]) -> None:
+    """One eval run per cell: summary keys, the ρ_k curve, its results artifact (`files`: the cell's current result
+    files, as the table reads them) and, online, its adapter."""
     import wandb
 
     run = start(cfg, "eval", cfg.output_dir)
@@ -167,7 +168,7 @@ def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, fl
         cell = RunDir(cfg.output_dir)
         artifact = wandb.Artifact(artifact_name("results", cfg), type="results",
                                   metadata={k: run.config[k] for k in FIELDS})
-        for path in [p for p in [*cell.eval_results(), cell.diagnose] if p.exists()]:
+        for path in files:
             artifact.add_file(str(path), name=str(path.relative_to(cell.root)))
         run.log_artifact(artifact)
 

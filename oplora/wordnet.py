@@ -1,4 +1,4 @@
-"""WordNet 3.0 (Princeton) read from Debian's `wordnet-base` package: the demo's forgetting benchmarks and held-out text.
+"""WordNet 3.0 (Princeton) from Debian's `wordnet-base` package: the demo's forgetting benchmarks and held-out text.
 
 The package (`oplora.artifacts`: pinned version and sha256) holds WordNet's database files. This module reads them
 straight from the `.deb` (an `ar` archive whose `data.tar.xz` has `usr/share/wordnet/data.{noun,verb,adj,adv}` and

@@ -46,15 +46,16 @@ def test_wordnet_tasks_are_built_from_the_pinned_debian_package():
     source = json.loads((root / "SOURCE.json").read_text())
     assert source["sha256"] == ARTIFACTS["wordnet-base"].sha256 and source["artifact"] == "wordnet-base=1:3.0-37"
     net = wordnet.WordNet(artifacts.path("wordnet-base"))
-    assert len(net.synsets) == 117659  # WordNet 3.0's synset count (82,115 nouns, 13,767 verbs, 18,156 adj., 3,621 adv.)
+    assert len(net.synsets) == 117659  # WordNet 3.0: 82,115 noun, 13,767 verb, 18,156 adjective, 3,621 adverb synsets
     dog = net.synsets["n", net.first_sense["dog", "n"]]
     assert dog.gloss.startswith("a member of the genus Canis") and "the dog barked all night" in dog.examples
     assert "canine" in wordnet.ancestor_words(net, dog) and "animal" in wordnet.ancestor_words(net, dog)
     docs = {name: jsonl(root / f"{name}.jsonl") for name in wordnet.TASKS}
     assert all(len(d) >= 1000 for d in docs.values())  # the selection measures 1,000 questions of each
-    for name, rows in docs.items():
+    for rows in docs.values():
         for doc in rows:
-            answer, others = doc["choices"][doc["label"]], [c for i, c in enumerate(doc["choices"]) if i != doc["label"]]
+            answer = doc["choices"][doc["label"]]
+            others = [c for i, c in enumerate(doc["choices"]) if i != doc["label"]]
             assert len(set(doc["choices"])) == 4 and not set(others) & net.related(answer, pos(net, doc))
             assert answer not in wordnet.words(doc["prompt"]) and not set(others) & wordnet.words(doc["prompt"])
             assert "### Instruction" not in doc["prompt"]  # nothing of the fine-tuning prompt

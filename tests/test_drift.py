@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oplora import paired
 from oplora.evaluation.drift import Stage, token_kl
 from oplora.evaluation.target import Target
 from oplora.paired import Items, intervals, matrix, t_interval, to_markdown
-from oplora.report import write_paired
 from oplora.rundir import RunDir
 from oplora.tables import FORGET_AVG
 
@@ -168,9 +168,10 @@ def test_paired_table_of_the_full_demo_loses_the_kl_star_of_lora_null(tmp_path):
             cells[(name, seed)] = OmegaConf.create({"output_dir": str(run.root), "seed": seed,
                                                     "method": methods[label]})
     cfg = OmegaConf.create({"pipeline": {"compare_to": "lora"}, "eval": {"columns": columns}})
-    write_paired(cfg, cells, methods, tmp_path, "demo full")
+    as_written = lambda c, stage: json.loads(RunDir(c.output_dir).eval_result(stage).read_text())  # noqa: E731
+    pairs = paired.compare(cfg, cells, "LoRA", None, read=as_written)
 
-    found = json.loads((tmp_path / "paired.json").read_text())["pairs"]["LoRA-Null − LoRA"]["KL ×100"]
+    found = pairs["LoRA-Null − LoRA"]["KL ×100"]
     per_seed = [kl["LoRA-Null"][s] - kl["LoRA"][s] for s in (1, 2, 3)]
     mean = sum(per_seed) / 3
     sd = math.sqrt(sum((d - mean) ** 2 for d in per_seed) / 2)
@@ -180,5 +181,6 @@ def test_paired_table_of_the_full_demo_loses_the_kl_star_of_lora_null(tmp_path):
     assert (round(found["low"]), round(found["high"])) == (-214, 1189) and not found["excludes_zero"]
     assert found["diff"] == pytest.approx(487.19, abs=0.01) and found["per_seed"] == pytest.approx(
         {str(s): d for s, d in zip((1, 2, 3), per_seed, strict=True)})
-    row = next(line for line in (tmp_path / "paired.md").read_text().splitlines() if line.startswith("| LoRA-Null"))
+    table = paired.to_markdown(pairs, ["KL ×100"], "demo full")
+    row = next(line for line in table.splitlines() if line.startswith("| LoRA-Null"))
     assert "[-214.37, +1188.75] (" in row and "*" not in row

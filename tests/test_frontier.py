@@ -6,8 +6,20 @@ import math
 import numpy as np
 import pytest
 
-from oplora.frontier import (TARGET_RULE, Origin, Point, Target, envelope, forgetting_at, frontier_figure, frontiers,
-                             matched, mean_envelope, target_level, to_markdown)
+from oplora.frontier import (
+    TARGET_RULE,
+    Origin,
+    Point,
+    Target,
+    envelope,
+    forgetting_at,
+    frontier_figure,
+    frontiers,
+    matched,
+    mean_envelope,
+    target_level,
+    to_markdown,
+)
 
 T_975_2 = 4.302652729911275  # t_{0.975, 2}
 
@@ -40,7 +52,8 @@ def test_envelope_ignores_dominated_points_and_interpolates_linearly():
 
 def test_target_is_the_reference_learning_at_its_best_lr_final_checkpoint():
     final = {1e-4: (1.0, 1.2), 3e-4: (1.5, 1.9), 1e-3: (1.6, 1.6)}  # per lr, seeds 1 and 2; means 1.1, 1.7, 1.6
-    points = [Point("LoRA", lr, 10, seed, v, 0.1) for lr, vs in final.items() for seed, v in zip((1, 2), vs)]
+    points = [Point("LoRA", lr, 10, seed, v, 0.1)
+              for lr, vs in final.items() for seed, v in zip((1, 2), vs, strict=True)]
     points += [Point("LoRA", 1e-3, 5, 1, 9.0, 0.1),  # an earlier checkpoint that learned more: not the final one
                Point("OPLoRA", 1e-3, 10, 1, 9.0, 0.1)]  # another method: the rule reads the reference only
     assert target_level(points, "LoRA") == Target(pytest.approx(1.7), TARGET_RULE, 3e-4)
@@ -58,7 +71,7 @@ def frontier_points(rng):
     noise = {s: (rng.normal(0, 1, 60), rng.normal(0, 0.2, 40)) for s in (1, 2, 3)}
     points = []
     for method, fs in forgets.items():
-        for seed, f in zip((1, 2, 3), fs):
+        for seed, f in zip((1, 2, 3), fs, strict=True):
             # "Same" has LoRA's exact per-question values; "Less" and "Mixed" their own noise on the forgetting side
             learn, forget = noise[seed][0], noise[seed][1] if method in ("LoRA", "Same") else rng.normal(0, 0.2, 40)
             points.append(Point.from_items(method, 1e-4, 1, seed, 2.0 + learn - learn.mean(),

@@ -122,7 +122,10 @@ def stage_limit(cfg: DictConfig, name: str) -> int | None:
 def current_result(cfg: DictConfig, stage: str) -> dict | None:
     """The cell's result of one stage when it is readable and was computed for the cell's current config and eval
     settings; None (with a warning naming the file) otherwise. Every reader of results goes through here."""
-    path = RunDir(cfg.output_dir).eval_result(stage)
+    run = RunDir(cfg.output_dir)
+    path, failures = run.eval_result(stage), run.failures()
+    if "train" in failures or ("eval" in failures and run.failure_scope("eval") is None):
+        return None  # the cell's training or whole evaluation failed since: whatever is here is not its result
     try:
         result = read_json(path)
     except CorruptFile as err:

@@ -230,7 +230,8 @@ def evaluate_samples(samples: str | Path, dataset: str, dataset_file: str | Path
                           for r in results] for task_id, results in evals.items()}  # plus verdict needs base too
     details = [{"task_id": r["task_id"], "base": "pass" if base else "fail", "plus": "pass" if plus else "fail",
                 **({"error": r["error"]} if "error" in r else {})}
-               for task_id, results in evals.items() for r, (base, plus) in zip(results, verdicts[task_id])]
+               for task_id, results in evals.items()
+               for r, (base, plus) in zip(results, verdicts[task_id], strict=True)]
 
     def pass_at_1(i: int) -> float:  # evalplus's unbiased pass@k at k=1: each task's passing fraction, averaged
         return sum(sum(v[i] for v in vs) / len(vs) for vs in verdicts.values()) / len(verdicts)
