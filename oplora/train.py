@@ -257,8 +257,8 @@ def start_wandb(cfg: DictConfig) -> list[str]:
     """Open the rank-0 W&B train run (oplora.tracking); the Trainer's callback logs into it."""
     if tracking.effective_mode(cfg.wandb.mode) == "disabled":
         return []
-    if is_main_process():
-        tracking.start(cfg, "train", cfg.output_dir)
+    if is_main_process() and tracking.start(cfg, "train", cfg.output_dir) is None:
+        return []  # W&B could not start (tracking warned); the Trainer's own callback would retry online
     return ["wandb"]
 
 
