@@ -11,10 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sandbox import CODE_TASK, CODE_UTILS
 from test_slurm import SETTINGS
 from test_train import overrides
 
 from helpers import compose
+from oplora import sandbox
+from oplora.evaluation.code_eval import sandboxed_code_eval
+from oplora.evaluation.harness import task_manager
+from oplora.fetch import lm_eval_items
 from oplora.graph import GRAPH
 from oplora.grid import Cell
 from oplora.launch import pipeline_jobs
@@ -155,6 +160,32 @@ def test_resources_per_step():
     with pytest.raises(ValueError, match="step_resources=.*'fetcher'"):
         pipeline_jobs("python", [], cells, gpus=1, resources={"fetcher": "cpu"})
     assert [s.name for s in GRAPH][0] == "fetch"
+
+
+def test_fetch_loads_code_tasks_without_the_sandbox(tmp_path, monkeypatch, caplog):
+    """A login node without bubblewrap: fetch loads a code task (built like lm_eval's mbpp, whose metric module loads
+    code_eval and runs a fixed self-test at import) without asking for the sandbox, and says nothing of unsandboxed
+    generated code; the eval stage still refuses to run generated code there."""
+    from lm_eval.tasks import get_task_dict
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "def f():", "test": "assert True"}) + "\n")
+    (tmp_path / "toy_code.yaml").write_text(CODE_TASK.format(data=tmp_path / "rows.jsonl"))
+    self_test = 'pass_at_k.compute(references=["assert add(2, 3)==5"], predictions=[["def add(a,b): return a*b"]])\n'
+    (tmp_path / "utils.py").write_text(CODE_UTILS + self_test)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap
+    sandbox._probe.cache_clear()
+    try:
+        (item,) = lm_eval_items(["toy_code"], [str(tmp_path)], "bwrap")
+        assert "toy_code" in item.load()
+        assert "UNSANDBOXED" not in caplog.text
+        manager = task_manager([str(tmp_path)])
+        with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap"):
+            with sandboxed_code_eval("bwrap", manager):  # as the eval stage loads it (harness.evaluate_task)
+                get_task_dict(["toy_code"], manager)
+    finally:
+        sandbox._probe.cache_clear()
+    with pytest.raises(ValueError, match="valid: bwrap, none"):
+        lm_eval_items(["toy_code"], [str(tmp_path)], "docker")
 
 
 def test_calibration_windows_are_built_as_the_official_code_builds_them(smollm2):
