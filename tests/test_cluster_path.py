@@ -188,6 +188,18 @@ def test_fetch_loads_code_tasks_without_the_sandbox(tmp_path, monkeypatch, caplo
         lm_eval_items(["toy_code"], [str(tmp_path)], "docker")
 
 
+def test_the_svd_uses_the_cores_of_the_job_not_of_the_node():
+    """A SLURM job (or `taskset`) may run on some of the node's cores only: the SVD's threads follow the affinity."""
+    script = ("import torch; from oplora.svd import all_cores\n"
+              "with all_cores(torch.device('cpu')): print(torch.get_num_threads())")
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, check=True)
+    assert pinned.stdout.split() == ["1"], pinned.stderr[-2000:]
+    unbound = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True,
+                             env={**os.environ, "SLURM_CPUS_PER_TASK": "1"})  # a cluster without core binding
+    assert unbound.stdout.split() == ["1"], unbound.stderr[-2000:]
+
+
 def test_calibration_windows_are_built_as_the_official_code_builds_them(smollm2):
     """LoRA-Null's get_calib_data: random.seed(seed); per window a character offset randint(0, len − seq_len − 1),
     the next 10·seq_len characters tokenized with the tokenizer's default special tokens, the first seq_len kept."""
