@@ -89,9 +89,11 @@ wandb-sync: install
 bench: install
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
 	$(BIN)/python scripts/bench_generation.py $(GEN_BENCH_ARGS)
+	$(BIN)/python scripts/bench_generation.py --stages  # HF generation as the math stage and evalplus run it
 
-# every stage on one GPU in ≤ 8 min: 7B step time, 7B SVD cache + leakage, bf16 DeepSpeed training of each method,
-# merged vs unmerged, vLLM → results/bench/gpu-check.{md,json}; refuses without CUDA
+# what the first cluster run needs, on one GPU in <= 8 min: the environment (torch CUDA vs driver, vLLM's kernels,
+# DeepSpeed, sandbox, W&B, LLaMA-2 offline), 7B-shaped ZeRO-2 training of OPLoRA-128 vs LoRA (memory, s/step,
+# checkpointing, SIGUSR1 and resume), float64 SVD, merge + generation → results/bench/gpu-<device>.{md,json}
 gpu-check: install
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
