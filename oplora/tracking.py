@@ -124,9 +124,9 @@ def start(cfg: DictConfig, job_type: str, directory: str | Path):
 
     tags = [cfg.model.name, cfg.data.name, *([cfg.method.label, f"seed{cfg.seed}"] if is_cell(job_type) else
                                             ["collect"])]
+    directory = Path(cfg.wandb.dir or directory)
     for attempt in dict.fromkeys([mode, "offline"]):
         try:
-            directory = Path(cfg.wandb.dir or directory)
             directory.mkdir(parents=True, exist_ok=True)
             return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=attempt, dir=str(directory),
                               group=cfg.experiment_name, job_type=job_type, name=run_name(cfg, job_type),

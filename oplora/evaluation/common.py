@@ -25,7 +25,10 @@ def vllm_unavailable() -> str | None:
     abort the process that tries."""
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed"
-    probe = subprocess.run([sys.executable, "-c", VLLM_PROBE], capture_output=True, text=True)
+    try:
+        probe = subprocess.run([sys.executable, "-c", VLLM_PROBE], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "vLLM is installed but importing it did not finish within 600 s"
     if probe.returncode != 0:
         lines = (probe.stderr.strip() or f"exit status {probe.returncode}").splitlines()
         return f"vLLM is installed but does not load ({lines[-1]})"
