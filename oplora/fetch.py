@@ -89,9 +89,18 @@ def model_item(path: str) -> Item:
 
 def lm_eval_items(tasks: dict[str, tuple[str, ...]], include_path: list[str], sandbox: str) -> list[Item]:
     """Each lm_eval task's data ({task: its columns}), loaded by lm_eval itself (its YAML's dataset_path,
-    dataset_name, splits)."""
+    dataset_name, splits).
+
+    Fetch runs no model, so no generated code: the code tasks' metric (HF code_eval, which lm_eval's mbpp loads and
+    self-tests with a fixed program when the task loads) is loaded without the sandbox here. The sandbox is required
+    where generated code runs, in the eval stage (`sandbox`, eval.lm_eval.sandbox, is only checked to be a valid mode),
+    so a login node without bubblewrap or unprivileged user namespaces can fetch.
+    """
+    from oplora import sandbox as sandboxes
     from oplora.evaluation.code_eval import sandboxed_code_eval
     from oplora.evaluation.harness import check_known, task_manager
+
+    sandboxes.check_mode(sandbox)
 
     def item(task: str) -> Item:
         def load():
@@ -99,8 +108,14 @@ def lm_eval_items(tasks: dict[str, tuple[str, ...]], include_path: list[str], sa
 
             manager = task_manager(include_path)
             check_known(manager, task, include_path)
-            with sandboxed_code_eval(sandbox, manager):  # tasks that score by running code load code_eval here
-                return get_task_dict([task], manager)
+            quiet = logging.getLogger(sandboxes.__name__)  # its warning speaks of generated code: none runs here
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                with sandboxed_code_eval("none", manager):  # tasks that score by running code load code_eval here
+                    return get_task_dict([task], manager)
+            finally:
+                quiet.setLevel(level)
 
         return Item(f"lm_eval task {task}", task, load, tasks[task])
 

@@ -33,25 +33,33 @@ class Step:
     command: str  # shell command; may use $SLURM_ARRAY_TASK_ID
     array: int | None = None  # number of array tasks (0..array-1); None: a single job
     after: str | tuple[str, ...] | None = None  # the earlier step(s) this one depends on
-    dependency: str = "afterok"  # afterok: only when they all succeeded; afterany: once they all ended
+    dependency: str = "afterok"  # afterok: only when they all succeeded; afterany: once they all ended; aftercorr:
+    # array task i once task i of each of them succeeded (when it failed, task i is cancelled: --kill-on-invalid-dep)
     gpus: int | None = None  # GPUs of this step's jobs (None: settings["gpus"])
+    checkpoint: str | None = None  # who checkpoints on SIGUSR1 before the time limit: a key of CHECKPOINT_SIGNALS
 
     @property
     def depends_on(self) -> tuple[str, ...]:
         return (self.after,) if isinstance(self.after, str) else tuple(self.after or ())
 
 
-# Near the time limit (--signal=B:USR1): every process of the job gets SIGUSR1 (training saves a checkpoint at the
-# end of its step and stops), the job waits for them and requeues itself; the requeued job resumes from there.
-REQUEUE = """requeue() {
+# Near the time limit (--signal=B:USR1) the batch shell runs `requeue`: it sends SIGUSR1 only to the processes that
+# checkpoint on it, waits for them to stop, and requeues the job; the requeued job resumes from there. Training is one
+# process (`process`) or torchrun's workers (`workers`: the agent has no handler and SIGUSR1 would kill it, leaving the
+# workers to the requeue mid-checkpoint). A step without a handler (svd, diagnose, eval, collect) is not signalled:
+# the job requeues at once, and the step resumes from the work it finished (the SVD cache after its last matrix, an
+# evaluation after its last task).
+CHECKPOINT_SIGNALS = {"process": 'kill -USR1 "$step"', "workers": 'pkill -USR1 -P "$step"'}
+REQUEUE = """requeue() {{
   trap '' USR1
-  echo "[$(date -Is)] time limit near: checkpointing, then requeueing job $SLURM_JOB_ID"
-  kill -USR1 0
-  wait
+  echo "[$(date -Is)] job $SLURM_JOB_ID: time limit near: {what}"{stop}
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
-}
+}}
 trap requeue USR1"""
+STOP = ("\n  {signal}"
+        '\n  status=0; wait "$step" || status=$?'
+        '\n  echo "[$(date -Is)] the step stopped with exit status $status"')
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 NAME_CHARS = "letters, digits, '.', '_' and '-'"
 NAME_LIST = re.compile(r"[A-Za-z0-9._,-]+")  # partitions, accounts: a comma-separated list
@@ -86,12 +94,16 @@ def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix:
             header.append(f"--{key}={value}")
     gpus = settings.get("gpus") if step.gpus is None else step.gpus
     if int(gpus or 0) > 0:
-        header.append(f"--gres=gpu:{_checked(gpus, 'launcher.gpus')}")
+        kind = f"{_checked(settings['gpu_type'], 'launcher.gpu_type', NAME, NAME_CHARS)}:" \
+            if settings.get("gpu_type") else ""
+        header.append(f"--gres=gpu:{kind}{_checked(gpus, 'launcher.gpus')}")
     header += [f"--{option.replace('_', '-')}={_checked(settings[option], f'launcher.{option}')}"
                for option in ("cpus_per_task", "mem", "time")]
     pattern = "%x-%A_%a.out" if step.array is not None else "%x-%j.out"
     output = _checked(Path(directory) / "logs" / pattern, "the log path (from pipeline.results_dir / experiment_name)")
     header += [f"--output={output}", "--requeue", "--open-mode=append"]
+    if step.dependency == "aftercorr":  # else a task whose counterpart failed would wait forever, and so would collect
+        header.append("--kill-on-invalid-dep=yes")
     warning = settings.get("signal_seconds")
     if warning:  # SIGUSR1 to the batch shell this long before the time limit: checkpoint, then requeue (REQUEUE)
         header.append(f"--signal=B:USR1@{_checked(int(warning), 'launcher.signal_seconds')}")
@@ -102,7 +114,14 @@ def render(step: Step, settings: Mapping[str, Any], directory: Path, job_prefix:
              f"cd {shlex.quote(str(workdir))}"]
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in env.items()]
     lines += ['echo "[$(date -Is)] host=$(hostname) job=${SLURM_JOB_ID:-} task=${SLURM_ARRAY_TASK_ID:-}"']
-    lines += [REQUEUE, f"{step.command} &", "wait $!", ""] if warning else [step.command, ""]
+    if warning:
+        stop = STOP.format(signal=CHECKPOINT_SIGNALS[step.checkpoint]) if step.checkpoint else ""
+        what = "checkpointing, then requeueing" if step.checkpoint else \
+            "requeueing (not signalled: the step resumes from the work it finished)"
+        requeue = REQUEUE.format(what=what, stop=stop)
+        lines += [requeue, f"{step.command} &", "step=$!", 'wait "$step"', ""]
+    else:
+        lines += [step.command, ""]
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ with its defaults (2 power iterations, no oversampling, float32), kept to show i
 ρ_128 = 0.003); refined mode (`refined_top`) starts like randomized mode in float32 and then iterates the
 subspace in float64 with a Rayleigh–Ritz step until the top triples' residual reaches `REFINE_TARGET`
 (exact to float64 round-off for the top end, at a fraction of a full SVD's cost; bottom triples always come
-from the exact SVD). The work runs on `device` ("auto": CUDA when present, else the CPU with every core).
+from the exact SVD). The work runs on `device` ("auto": CUDA when present, else the CPU with every core the process
+may use: its affinity, a SLURM job's allocation).
 `build` fills the cache for one shard of a model's matrices (split by layer), so that a SLURM array can share
 the work. Files are safetensors, written atomically under a per-entry lock so that concurrent builders agree.
 
@@ -56,14 +57,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
+def allowed_cores() -> int:
+    """The cores this process may run on: its affinity mask (`taskset`, a SLURM job's cpuset), not the node's, and at
+    most the job's --cpus-per-task where SLURM does not bind jobs to their cores."""
+    cores = len(os.sched_getaffinity(0))
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK")
+    return min(cores, int(allocated)) if allocated else cores
+
+
 @contextmanager
 def all_cores(device: torch.device):
-    """On the CPU, let torch use every core for the duration (an SVD is the only work then)."""
+    """On the CPU, let torch use every core this process may run on for the duration (an SVD is the only work then)."""
     if device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)
+    torch.set_num_threads(allowed_cores())
     try:
         yield
     finally:

@@ -5,7 +5,9 @@
 Mode (`wandb.mode`, default `auto`): WANDB_MODE when set, else `online` when an API key is configured
 (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, or the netrc entry `wandb login` writes), else `offline`. A set
 WANDB_MODE also wins over an explicit `wandb=online|offline`; `disabled` — from the config or from WANDB_MODE —
-turns W&B off for the run.
+turns W&B off for the run. A batch job's `auto` is `offline` (`job_mode`: compute nodes often have no internet; the
+SLURM launcher writes the mode into each job script). W&B never fails a run: when a run cannot start online it is
+logged offline (`sync` uploads it later), and when it cannot start at all the run goes on without W&B.
 
 Every run carries the config fields of FIELDS (beside the resolved config), so W&B's own grouping by
 `method_label` gives per-method means and error bars over `seed`. Metric keys:
@@ -73,6 +75,13 @@ def effective_mode(configured: str) -> str:
     return mode
 
 
+def job_mode(configured: str) -> str:
+    """The mode of a batch job: `effective_mode`, except that `auto` (WANDB_MODE unset) is offline."""
+    if configured == "auto" and not os.environ.get("WANDB_MODE"):
+        return "offline"
+    return effective_mode(configured)
+
+
 def is_cell(job_type: str) -> bool:
     return job_type != "collect"
 
@@ -103,19 +112,31 @@ def run_config(cfg: DictConfig, job_type: str) -> dict:
 
 
 def start(cfg: DictConfig, job_type: str, directory: str | Path):
-    """Open a run (train, eval or collect) in the resolved mode; None when W&B is disabled."""
+    """Open a run (train, eval or collect) in the resolved mode; None when W&B is disabled or cannot start.
+
+    W&B never fails the run it logs: an online run that cannot start (no internet on a compute node, a server error)
+    is logged offline instead, for `sync`; when even that fails, a warning says so and the run goes on without W&B.
+    """
     mode = effective_mode(cfg.wandb.mode)
     if mode == "disabled":
         return None
     import wandb
 
-    directory = Path(cfg.wandb.dir or directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tags = [cfg.model.name, cfg.data.name, *([cfg.method.label, f"seed{cfg.seed}"] if is_cell(job_type) else
                                             ["collect"])]
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, dir=str(directory),
-                      group=cfg.experiment_name, job_type=job_type, name=run_name(cfg, job_type),
-                      id=run_id(cfg, job_type), resume="allow", config=run_config(cfg, job_type), tags=tags)
+    directory = Path(cfg.wandb.dir or directory)
+    for attempt in dict.fromkeys([mode, "offline"]):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=attempt, dir=str(directory),
+                              group=cfg.experiment_name, job_type=job_type, name=run_name(cfg, job_type),
+                              id=run_id(cfg, job_type), resume="allow", config=run_config(cfg, job_type), tags=tags)
+        except Exception as err:  # W&B's own errors (CommError, UsageError, timeouts), or an unwritable wandb.dir
+            log.warning("W&B could not start the %s run %s (%s: %s)%s", job_type, attempt, type(err).__name__,
+                        str(err)[:300], "; logging it offline, `make wandb-sync` uploads it later"
+                        if attempt == "online" else "; this run goes on without W&B")
+            wandb.teardown()  # W&B's service keeps a failed run's id: the offline attempt would be refused
+    return None
 
 
 def artifact_name(kind: str, cfg: DictConfig, cell: bool = True) -> str:
@@ -137,15 +158,19 @@ def use(run, name: str) -> None:
 
 def finish_train(cfg: DictConfig, adapter: Path) -> None:
     """Log the exported adapter into the open train run and close it. The adapter is a reference artifact
-    (file:// URIs, checksummed): nothing is uploaded twice."""
+    (file:// URIs, checksummed): nothing is uploaded twice. A W&B error is a warning: the cell is trained."""
     import wandb
 
     run = wandb.run
-    metadata = {k: run.config[k] for k in FIELDS}
-    artifact = wandb.Artifact(artifact_name("adapter", cfg), type="adapter", metadata=metadata)
-    artifact.add_reference(adapter.resolve().as_uri())
-    run.log_artifact(artifact)
-    run.finish()
+    try:
+        metadata = {k: run.config[k] for k in FIELDS}
+        artifact = wandb.Artifact(artifact_name("adapter", cfg), type="adapter", metadata=metadata)
+        artifact.add_reference(adapter.resolve().as_uri())
+        run.log_artifact(artifact)
+        run.finish()
+    except Exception as err:  # W&B's errors are many; none may fail a trained cell
+        log.warning("W&B could not log the adapter of %s (%s: %s); the adapter is saved", run_name(cfg, "train"),
+                    type(err).__name__, err)
 
 
 def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, float], files: list[Path]) -> None:

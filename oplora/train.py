@@ -255,6 +255,15 @@ def check_final_weights(trainer: Trainer, step: int) -> None:
                                  f"{last or 'none'} (lower train.lr, or check the data)")
 
 
+def start_wandb(cfg: DictConfig) -> list[str]:
+    """Open the rank-0 W&B train run (oplora.tracking); the Trainer's callback logs into it."""
+    if tracking.effective_mode(cfg.wandb.mode) == "disabled":
+        return []
+    if is_main_process() and tracking.start(cfg, "train", cfg.output_dir) is None:
+        return []  # W&B could not start (tracking warned); the Trainer's own callback would retry online
+    return ["wandb"]
+
+
 def finished(cfg: DictConfig) -> bool:
     """Whether this exact training config already finished in its output_dir (and force is off)."""
     return RunDir(cfg.output_dir).trained_record(config_hash(cfg)) is not None and not cfg.force
@@ -306,8 +315,7 @@ def train(cfg: DictConfig) -> Path:
         return run.root
     if is_main_process():
         run.remove_stale_temporaries()
-    logs_to_wandb = tracking.effective_mode(cfg.wandb.mode) != "disabled"
-    args = training_arguments(cfg, run, ["wandb"] if logs_to_wandb else [])
+    args = training_arguments(cfg, run, ["wandb"] if tracking.effective_mode(cfg.wandb.mode) != "disabled" else [])
     cache = Path(cfg.cache_dir or cache_root())
     set_seed(cfg.seed)
 
@@ -320,8 +328,7 @@ def train(cfg: DictConfig) -> Path:
     with args.main_process_first(desc="the adapter's SVD and calibration caches and the run directory"):
         model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)  # the other ranks read them
         prepare_output(run, cfg, chash)
-    if logs_to_wandb and is_main_process():
-        tracking.start(cfg, "train", cfg.output_dir)  # the Trainer's callback logs into this run
+    args.report_to = start_wandb(cfg)  # [] when W&B could not start: the Trainer's callback would retry online
     initial = None
     if get_method(settings.method).mutates_base:
         initial = run.initial_adapter

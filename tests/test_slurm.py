@@ -1,14 +1,16 @@
 """oplora.slurm against a real single-node SLURM (slurm/local-cluster.sh starts it); no mocks."""
 
 import json
+import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from helpers import compose
 from oplora.grid import Cell
-from oplora.launch import submit_pipeline
+from oplora.launch import pipeline_jobs, submit_pipeline
 from oplora.slurm import NEVER_RUNS, Step, render, submit, wait
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +34,13 @@ def test_render_headers(tmp_path):
     text = render(Step("collect", "true"), gpu, tmp_path, "t2", Path("/work dir"), {"A": "x y"})
     assert {"--gres=gpu:1", "--partition=a6000", "--qos=high", f"--output={tmp_path}/logs/%x-%j.out"} <= set(
         headers(text))
+    assert "--gres=gpu:a6000:2" in headers(render(Step("train", "true"), {**gpu, "gpus": 2, "gpu_type": "a6000"},
+                                                  tmp_path, "t2", tmp_path, {}))  # a typed GRES
     assert not any(h.startswith(("--array", "--account")) for h in headers(text))
     assert "cd '/work dir'" in text and "export A='x y'" in text and text.rstrip().endswith("true")
     assert "--array=0-5%2" in headers(render(step, gpu, tmp_path, "t2", tmp_path, {}))
+    with pytest.raises(ValueError, match=r"launcher\.gpu_type = 'a6000 x'"):
+        render(step, {**gpu, "gpu_type": "a6000 x"}, tmp_path, "t2", tmp_path, {})
 
 
 def test_chain_runs_in_order(cluster, tmp_path):
@@ -128,3 +134,81 @@ def test_normal_config_renders(tmp_path):
     submit_pipeline(cfg, ["experiment=table2"], cells("lora", "base"))
     text = (tmp_path / "results" / "slurm" / "train.sbatch").read_text()
     assert {"--job-name=oplora-table2-train", "--partition=a6000,a100", "--qos=high"} <= set(headers(text))
+    svd = headers((tmp_path / "results" / "slurm" / "svd.sbatch").read_text())
+    assert "--array=0-7" in svd  # sharded by default on SLURM: a 7B's float64 SVDs are hours in one job
+
+
+def test_a_data_setting_cannot_inject_commands_into_a_job(tmp_path):
+    """Every word of a job's command is quoted: a data setting with a pipe once ran `tee` in the train, diagnose and
+    eval jobs. The launcher's own $SLURM_ARRAY_TASK_ID still expands (the cell index)."""
+    pwned = tmp_path / "PWNED"
+    query = f"data.query=x|tee {pwned}|$SLURM_ARRAY_TASK_ID"
+    python = tmp_path / "python"  # stands in for the interpreter: writes the arguments the job gives it
+    python.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGV"\n')
+    python.chmod(0o755)
+    cfg = compose("experiment=table2", "launcher=slurm", "launcher.submit=false", f"launcher.python={python}", query)
+    cfg.pipeline.results_dir = str(tmp_path / "results" / "tables")
+    submit_pipeline(cfg, ["experiment=table2", query], cells("lora", "base"))
+    scripts = tmp_path / "results" / "slurm"
+    expected = {"svd": None, "train": "0", "diagnose": "0", "eval": "0", "eval-base": "1", "collect": None}
+    assert sorted(p.stem for p in scripts.glob("*.sbatch")) == sorted(expected)
+    for step, cell in expected.items():
+        argv = tmp_path / f"argv-{step}"
+        done = subprocess.run(["bash", str(scripts / f"{step}.sbatch")], capture_output=True, text=True,
+                              env={**os.environ, "SLURM_ARRAY_TASK_ID": "0", "ARGV": str(argv)})
+        assert not pwned.exists(), f"{step}.sbatch ran the injected command"
+        assert done.returncode == 0, done.stderr
+        args = argv.read_text().splitlines()
+        assert query in args and f"pipeline.step={step.removesuffix('-base')}" in args
+        assert [a for a in args if a.startswith("pipeline.cell=")] == ([f"pipeline.cell={cell}"] if cell else [])
+
+
+def test_job_scripts_carry_what_a_job_needs(tmp_path, monkeypatch):
+    """The caches fetch filled and the W&B mode are written into each script (not left to sbatch's --export=ALL); a
+    logged-in user's jobs log offline; the hub token, which offline jobs never read, is not written."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)  # `auto` would be online here
+    monkeypatch.setenv("HF_TOKEN", "hf_not_for_scripts")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("OPLORA_CACHE", str(tmp_path / "oplora cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    cfg = compose("experiment=table2", "launcher=slurm", "launcher.submit=false")
+    cfg.pipeline.results_dir = str(tmp_path / "results" / "tables")
+    submit_pipeline(cfg, ["experiment=table2"], cells("lora", "base"))
+    from huggingface_hub import constants
+
+    for script in (tmp_path / "results" / "slurm").glob("*.sbatch"):
+        text = script.read_text()
+        for line in ("export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1", "export WANDB_MODE=offline",
+                     f"export HF_HOME={constants.HF_HOME}", f"export XDG_CACHE_HOME={tmp_path}/xdg",
+                     f"export OPLORA_CACHE='{tmp_path}/oplora cache'", f"export HF_DATASETS_CACHE={tmp_path}/datasets"):
+            assert line in text.splitlines(), (script.name, line)
+        assert "hf_not_for_scripts" not in text and "a" * 40 not in text
+    monkeypatch.setenv("WANDB_MODE", "online")  # told otherwise
+    submit_pipeline(cfg, ["experiment=table2"], cells("lora", "base"))
+    assert "export WANDB_MODE=online" in (tmp_path / "results" / "slurm" / "train.sbatch").read_text()
+
+
+def test_each_cell_is_evaluated_when_its_own_training_ends(cluster, tmp_path):
+    """The launcher's chain on the real SLURM, each step's command replaced by a marker: cell i's diagnose and eval
+    wait for training task i only (aftercorr), the base row's eval for no training at all; a failed training task
+    cancels its cell's diagnose and eval, and collect still runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stamp = 'echo "$(date +%s.%N)" > "$OUT/{step}-${{SLURM_ARRAY_TASK_ID:-x}}"'
+    commands = {"train": 'sleep $(( SLURM_ARRAY_TASK_ID == 0 ? 12 : 1 )); ' + stamp + '; '
+                         '[ "$SLURM_ARRAY_TASK_ID" != 2 ]'}  # cell 0 trains slowly, cell 2 fails
+    jobs = pipeline_jobs("python", [], cells("lora", "pissa", "milora", "base"), gpus=0)
+    assert {j.name: (j.array, j.after, j.dependency) for j in jobs} == {
+        "svd": (None, (), "afterany"), "train": (3, ("svd",), "afterany"), "diagnose": (3, ("train",), "aftercorr"),
+        "eval": (3, ("train",), "aftercorr"), "eval-base": (1, (), "afterany"),
+        "collect": (None, ("diagnose", "eval", "eval-base"), "afterany")}
+    jobs = [replace(j, command=commands.get(j.name, stamp).format(step=j.name)) for j in jobs]
+    assert "#SBATCH --kill-on-invalid-dep=yes" in render(jobs[3], SETTINGS, tmp_path, "t", REPO, {})
+    ids = submit(jobs, SETTINGS, tmp_path / "jobs", f"test-{tmp_path.name}", REPO, {"OUT": str(out)})
+    states = wait(list(ids.values()), timeout=180, poll=1)
+    assert {k: v for k, v in states.items() if v != "COMPLETED"} == {
+        f"{ids['train']}_2": "FAILED", f"{ids['diagnose']}_2": "CANCELLED", f"{ids['eval']}_2": "CANCELLED"}
+    time_of = lambda name: float((out / name).read_text())  # noqa: E731
+    assert time_of("eval-1") < time_of("train-0") and time_of("eval-base-0") < time_of("train-0")
+    assert not (out / "eval-2").exists() and time_of("collect-x") > time_of("eval-0")

@@ -5,17 +5,20 @@ import csv
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from statistics import mean, stdev
 
 import pytest
+from test_train import overrides
 
 from helpers import compose
 from oplora import tracking
 from oplora.dashboard import view_name
 from oplora.grid import grid
+from oplora.train import start_wandb, train
 from test_pipeline import grid_overrides, pipeline
 from wandb_log import read_run
 
@@ -54,6 +57,44 @@ def test_an_unknown_mode_is_refused(no_credentials, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "onlin")
     with pytest.raises(ValueError, match="WANDB_MODE='onlin'.*auto, online, offline, disabled"):
         tracking.effective_mode("auto")
+
+
+def test_a_batch_job_logs_offline_unless_told_otherwise(no_credentials, monkeypatch):
+    """A compute node often has no internet: a logged-in user's `auto` is online here, offline in a job."""
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    assert tracking.effective_mode("auto") == "online" and tracking.job_mode("auto") == "offline"
+    assert tracking.job_mode("online") == "online" and tracking.job_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert tracking.job_mode("auto") == "online"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_wandb_that_cannot_start_never_fails_training(no_credentials, monkeypatch, data_files, calibration_file,
+                                                      tmp_path, caplog):
+    """Online with an unreachable server (a closed port on loopback, as a compute node without internet sees W&B):
+    the train run is logged offline for `wandb sync`, and training finishes. When not even an offline run can start
+    (wandb.dir is a file), training goes on without W&B."""
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")  # seconds before wandb.init gives up (its default: 90)
+    out = tmp_path / "online"
+    cfg = compose(*overrides(data_files, calibration_file, out, "lora"), "wandb=online")
+    train(cfg)
+    assert (out / "run.json").exists()
+    assert "W&B could not start the train run online (CommError" in caplog.text
+    (offline,) = (out / "wandb").glob(f"offline-run-*-{tracking.run_id(cfg, 'train')}")
+    assert [h["train/global_step"] for h in read_run(offline)["history"] if "train/loss" in h] == [1, 2, 3]
+
+    (tmp_path / "a-file").write_text("")
+    nowhere = compose(*overrides(data_files, calibration_file, tmp_path / "nowhere", "lora"), "wandb=online",
+                      f"wandb.dir={tmp_path / 'a-file'}")
+    assert start_wandb(nowhere) == []  # the Trainer gets no W&B callback, which would retry online
+    assert "this run goes on without W&B" in caplog.text
 
 
 SEEDS = (1, 2)

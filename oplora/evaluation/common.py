@@ -1,22 +1,75 @@
-"""Rules every evaluation stage shares: which generation backend runs, and the stderr of an accuracy."""
+"""Rules every evaluation stage shares: which generation backend runs, the GPU memory vLLM may take, and the stderr
+of an accuracy."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import importlib.util
+import logging
 import math
+import subprocess
+import sys
 
 import torch
 
+log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
+VLLM_PROBE = "import vllm, vllm._C"  # vLLM and its compiled kernels (a CUDA build that fits the driver and torch)
+
+
+@functools.cache
+def vllm_unavailable() -> str | None:
+    """None when vLLM really loads here, its kernels included, else why not. The probe runs in a subprocess: a vLLM
+    that imports but cannot load its kernels (a CUDA 13 build on an older driver, a torch it was not built for) can
+    abort the process that tries."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    try:
+        probe = subprocess.run([sys.executable, "-c", VLLM_PROBE], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "vLLM is installed but importing it did not finish within 600 s"
+    if probe.returncode != 0:
+        lines = (probe.stderr.strip() or f"exit status {probe.returncode}").splitlines()
+        return f"vLLM is installed but does not load ({lines[-1]})"
+    return None if torch.cuda.is_available() else "no GPU"
 
 
 def generation_backend(name: str) -> str:
-    """`auto` is vLLM when it is installed and a GPU is present, else HF `generate`."""
-    if name == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-    if name not in BACKENDS:
+    """`auto` is vLLM when it really loads (`vllm_unavailable`) and a GPU is present, else HF `generate`, with a
+    warning on a GPU machine (HF generation is several times slower: README "Running the paper's tables on a GPU
+    cluster"). `vllm` asked for by name and unavailable is an error naming why."""
+    if name not in ("auto", *BACKENDS):
         raise ValueError(f"unknown generation backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
-    return name
+    if name == "hf":
+        return name
+    reason = vllm_unavailable()
+    if reason is None:
+        return "vllm"
+    if name == "vllm":
+        raise RuntimeError(f"generation backend vllm: {reason}; choose backend=hf or auto (HF generate)")
+    if torch.cuda.is_available():
+        log.warning("%s: generating with HF generate instead (slower)", reason)
+    return "hf"
+
+
+def release_gpu_memory() -> None:
+    """Give the GPU memory of freed tensors back to the device (torch keeps it cached otherwise): a merged model or an
+    earlier stage's model would hold it while vLLM, in this process or a child, asks for its share."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def vllm_memory_fraction(free: int, total: int, wanted: float = 0.9, margin: int = 1 << 30) -> float:
+    """vLLM's `gpu_memory_utilization`: the share of the whole device its engine takes, which must be free when the
+    engine starts (vLLM refuses otherwise). Its default, `wanted`, when that much is free; else what is free less
+    `margin` bytes (CUDA context, fragmentation). Refused, naming the figures, when not even a tenth is free."""
+    fraction = min(wanted, (free - margin) / total)
+    if fraction < 0.1:
+        raise RuntimeError(f"only {free / 2**30:.1f} of {total / 2**30:.1f} GiB of GPU memory are free: not enough "
+                           "for vLLM (another process on this GPU?); backend=hf generates without it")
+    return fraction
 
 
 def check_generations(texts: list[str], what: str, minimum: int = 4) -> None:

@@ -8,18 +8,26 @@ by step."; decoding is greedy up to `max_new_tokens`; the answer is what follows
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from oplora.evaluation import math_score
-from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
+from oplora.evaluation.common import (
+    binomial_stderr,
+    check_generations,
+    generation_backend,
+    release_gpu_memory,
+    vllm_memory_fraction,
+)
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.prompt import PROMPT
 from oplora.resources import resolve
 
+log = logging.getLogger(__name__)
 SCORERS = {
     "gsm8k": (math_score.gsm8k_gold, math_score.gsm8k_prediction, math_score.gsm8k_correct),
     "math": (math_score.math_gold, math_score.math_prediction, math_score.math_correct),
@@ -53,8 +61,8 @@ def prompt(question: str, suffix: str) -> str:
     return PROMPT.format(query=question) + suffix
 
 
-def generate_hf(model_dir: str, prompts: list[str], settings: dict, dtype: str, trust_remote_code: bool) -> list[str]:
-    """Batched greedy generation, longest prompts first, left padding."""
+def hf_generator(model_dir: str, dtype: str, trust_remote_code: bool):
+    """HF `generate`, the model loaded once: batched greedy generation, longest prompts first, left padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,27 +70,43 @@ def generate_hf(model_dir: str, prompts: list[str], settings: dict, dtype: str, 
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                  trust_remote_code=trust_remote_code).to(device).eval()
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[str] = [""] * len(prompts)
-    size = settings["batch_size"]
-    for start in tqdm(range(0, len(order), size), desc="generating", unit="batch"):
-        batch = order[start:start + size]
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            tokens = model.generate(**enc, do_sample=False, max_new_tokens=settings["max_new_tokens"],
-                                    pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(tokens[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(batch, texts, strict=True):
-            outputs[i] = text
-    return outputs
+
+    def generate(prompts: list[str], settings: dict) -> list[str]:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        outputs: list[str] = [""] * len(prompts)
+        size = settings["batch_size"]
+        for start in tqdm(range(0, len(order), size), desc="generating", unit="batch"):
+            batch = order[start:start + size]
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+            with torch.inference_mode():
+                tokens = model.generate(**enc, do_sample=False, max_new_tokens=settings["max_new_tokens"],
+                                        pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(tokens[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, texts, strict=True):
+                outputs[i] = text
+        return outputs
+
+    return generate
 
 
-def generate_vllm(model_dir: str, prompts: list[str], settings: dict, dtype: str, trust_remote_code: bool) -> list[str]:
+def vllm_generator(model_dir: str, dtype: str, trust_remote_code: bool):
+    """One vLLM engine for every task of the stage, sized to the GPU memory that is free (`vllm_memory_fraction`)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    params = SamplingParams(temperature=0.0, max_tokens=settings["max_new_tokens"])
-    return [out.outputs[0].text for out in llm.generate(prompts, params)]
+    release_gpu_memory()
+    free, total = torch.cuda.mem_get_info()
+    fraction = vllm_memory_fraction(free, total)
+    log.info("vLLM engine: gpu_memory_utilization %.2f (%.1f of %.1f GiB free)", fraction, free / 2**30, total / 2**30)
+    llm = LLM(model=model_dir, dtype=dtype, trust_remote_code=trust_remote_code, gpu_memory_utilization=fraction)
+
+    def generate(prompts: list[str], settings: dict) -> list[str]:
+        params = SamplingParams(temperature=0.0, max_tokens=settings["max_new_tokens"])
+        return [out.outputs[0].text for out in llm.generate(prompts, params)]
+
+    return generate
+
+
+GENERATORS = {"hf": hf_generator, "vllm": vllm_generator}
 
 
 def score(spec: dict, rows: list[dict], completions: list[str]) -> tuple[list[dict], float]:
@@ -102,6 +126,7 @@ class Stage:
         self.target, self.settings, self.limit, self.workdir = target, settings, limit, Path(workdir)
         self.model_dir = merged or target.base
         self.backend = generation_backend(settings["backend"])
+        self.generate = None  # built on the first task, then shared by the others (GSM8K and MATH: one engine)
 
     def run(self, task: str) -> dict:
         tasks = self.settings["tasks"]
@@ -111,9 +136,10 @@ class Stage:
         if spec["scorer"] not in SCORERS:
             raise ValueError(f"unknown scorer {spec['scorer']!r}; valid: {', '.join(SCORERS)}")
         rows = load_rows(spec, self.limit)
-        generate = generate_vllm if self.backend == "vllm" else generate_hf
-        completions = generate(self.model_dir, [prompt(r[spec["question"]], self.settings["suffix"]) for r in rows],
-                               self.settings, self.target.dtype, self.target.trust_remote_code)
+        if self.generate is None:
+            self.generate = GENERATORS[self.backend](self.model_dir, self.target.dtype, self.target.trust_remote_code)
+        completions = self.generate([prompt(r[spec["question"]], self.settings["suffix"]) for r in rows],
+                                    self.settings)
         check_generations(completions, f"math/{task}")
         samples, accuracy = score(spec, rows, completions)
         path = self.workdir / f"{task}.samples.jsonl"

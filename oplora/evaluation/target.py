@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from oplora.evaluation.common import release_gpu_memory
 from oplora.export import merge
 from oplora.io import atomic_write_text, file_sha256
 
@@ -36,5 +37,6 @@ def merged_dir(target: Target, directory: Path) -> str:
         return str(directory)
     shutil.rmtree(directory, ignore_errors=True)
     merge(target.base, target.adapter, directory, dtype=getattr(torch, target.dtype))
+    release_gpu_memory()  # the merge held the model on the GPU (13.5 GB at 7B); vLLM sizes itself from what is free
     atomic_write_text(marker, json.dumps(identity, indent=2))
     return str(directory)

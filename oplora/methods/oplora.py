@@ -59,25 +59,28 @@ def per_token_delta(x: torch.Tensor, A, B, U, V, scaling: float) -> torch.Tensor
     return scaling * (y - (y @ U) @ U.T)
 
 
-def project_once_per_forward(model: nn.Module) -> None:
-    """Reuse each projected factor within one forward of `model` (PEFT reads lora_A.weight twice).
+def project_once_per_call(layer: nn.Module) -> None:
+    """Reuse each projected factor within one call of a LoRA layer (PEFT reads lora_A.weight twice: its dtype to cast
+    the input, then the weight itself).
 
-    `parametrize.cached()` is entered by a forward pre-hook and left by a forward hook that also
-    runs when the forward raises, so a factor is never reused across forwards (or optimizer steps).
+    `parametrize.cached()` is entered by a forward pre-hook of the layer and left by a forward hook that also runs when
+    the forward raises, so a factor is never reused across calls (or optimizer steps). The cache lives exactly as
+    long as one call of the layer: gradient checkpointing, which calls a decoder layer again during backward,
+    recomputes every factor as the first forward computed it (a cache over the whole model's forward would be
+    closed by then, and the recomputation would save other tensors than the forward did).
     """
     open_cache = []
 
     def enter(module, args):
-        if not open_cache:  # re-entrant forwards share the outer cache
-            open_cache.append(parametrize.cached())
-            open_cache[0].__enter__()
+        open_cache.append(parametrize.cached())
+        open_cache[-1].__enter__()
 
     def leave(module, args, output):
         if open_cache:
             open_cache.pop().__exit__(None, None, None)
 
-    model.register_forward_pre_hook(enter)
-    model.register_forward_hook(leave, always_call=True)
+    layer.register_forward_pre_hook(enter)
+    layer.register_forward_hook(leave, always_call=True)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class OPLoRA(Method):
                                         (layer.lora_B[ADAPTER], top.U, "left")):
                 projection = Orthogonalize(basis.to(module.weight.device), side)
                 parametrize.register_parametrization(module, "weight", projection)
-        project_once_per_forward(model.base_model.model)
+            project_once_per_call(layer)
 
     def export(self, model, directory, initial):
         """Rank r with the projected factors B' = P_L B, A' = A P_R in float32: plain LoRA, no project code."""
