@@ -60,15 +60,17 @@ def target_weights(cfg: DictConfig) -> LazyWeights:
 def svd_step(cfg: DictConfig, cells: dict[Cell, DictConfig]) -> bool:
     """The singular triples every method of the grid and figure 2a need, computed once into the cache; with
     `pipeline.svd_shards=n`, `pipeline.shard=i` does the layers of shard i (a SLURM array task each)."""
-    needs = [get_method(s.method).svd_needs(s) for s in map(adapter_settings, (c for c in cells.values()
-                                                                               if trains(c.method)))]
-    top = max([max(cfg.pipeline.rho_ks), *(t for t, _ in needs)])
-    bottom = max(b for _, b in needs) if needs else 0
+    settings = [adapter_settings(c) for c in cells.values() if trains(c.method)]
+
+    def needs(shape: tuple[int, int]) -> tuple[int, int]:
+        wanted = [get_method(s.method).svd_needs(s, shape) for s in settings]
+        return max([max(cfg.pipeline.rho_ks), *(t for t, _ in wanted)]), max((b for _, b in wanted), default=0)
+
     weights = target_weights(cfg)
     shards = cfg.pipeline.svd_shards
     shard_list = [cfg.pipeline.shard] if cfg.pipeline.shard is not None else range(shards)
     svd = SVDCache(cfg.cache_dir or cache_root(), mode=cfg.svd_mode)
-    return sum(build(svd, list(weights), weights.__getitem__, top, bottom, shard, shards) for shard in shard_list) > 0
+    return sum(build(svd, list(weights), weights.__getitem__, needs, shard, shards) for shard in shard_list) > 0
 
 
 def train_step(cfg: DictConfig) -> bool:

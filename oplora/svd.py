@@ -119,18 +119,20 @@ def shard_names(names: Iterable[str], shard: int = 0, shards: int = 1) -> list[s
     return [name for name in sorted(names) if layer_of(name) % shards == shard]
 
 
-def build(svd: "SVDCache", names: Iterable[str], load: Callable[[str], torch.Tensor], top: int, bottom: int = 0,
-          shard: int = 0, shards: int = 1) -> int:
-    """Fill the cache with `top` (and `bottom`) triples of every matrix of one shard; the number computed.
+def build(svd: "SVDCache", names: Iterable[str], load: Callable[[str], torch.Tensor],
+          needs: Callable[[tuple[int, int]], tuple[int, int]], shard: int = 0, shards: int = 1) -> int:
+    """Fill the cache with the (top, bottom) triples `needs(shape)` asks for of every matrix of one shard; the number
+    computed.
 
     `load(name)` returns a matrix when it is needed, so only one is held at a time. SLURM array task i of n:
-    `build(svd, names, load, top, bottom, shard=i, shards=n)`; any task count gives the same cache.
+    `build(svd, names, load, needs, shard=i, shards=n)`; any task count gives the same cache.
     """
     from tqdm.auto import tqdm
 
     computed = 0
     for name in tqdm(shard_names(names, shard, shards), desc=f"SVD cache {shard + 1}/{shards}", unit="matrix"):
         W = load(name)
+        top, bottom = needs(tuple(W.shape))
         k = min(top, min(W.shape))
         if not svd.has(W, k, bottom):
             svd.top(W, k, name)

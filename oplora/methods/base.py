@@ -63,8 +63,8 @@ class Method:
     def check(self, settings: AdapterSettings, shapes: dict[str, tuple[int, int]]) -> None:
         """Refuse impossible settings before any compute. `shapes` maps module name to (m, n)."""
 
-    def svd_needs(self, settings: AdapterSettings) -> tuple[int, int]:
-        """(top, bottom): how many of each weight's largest and smallest singular triples it reads."""
+    def svd_needs(self, settings: AdapterSettings, shape: tuple[int, int]) -> tuple[int, int]:
+        """(top, bottom): how many of an m×n weight's largest and smallest singular triples it reads."""
         return 0, 0
 
     def initialize(self, model: PeftModel, settings: AdapterSettings, svd: SVDCache, tokenizer=None) -> None:

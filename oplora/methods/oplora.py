@@ -1,11 +1,18 @@
 """OPLoRA-k: ΔW = s·P_L B A P_R with P_L = I − U_k U_kᵀ, P_R = I − V_k V_kᵀ from the frozen W.
 
+k is absolute (`k`, the paper's 16 or 128) or width-matched (`k_fraction` of each matrix's min(m, n): the paper's
+k = 16 and 128 of 4096 are 0.39 % and 3.1 %, which on SmolLM2's 576 are k = 2 and 18). `subspace` chooses what is
+protected, everything else equal: `top`, the k largest singular directions (the paper's); `bottom`, the k smallest;
+`random`, a seeded random orthonormal basis of the same size. The last two are controls: they separate "protecting
+the dominant directions helps" from "any k-dimensional constraint does the same".
+
 The projections act on the two small factors (B' = B − U_k(U_kᵀB), A' = A − (A V_k)V_kᵀ) through
 `torch.nn.utils.parametrize`, so PEFT's forward, dropout, scaling, merge and unmerge see B', A'
 and work unchanged, autograd gives the gradients of the paper's formulation, and no d×d matrix is
 formed. U_k, V_k stay float32 and the projection runs in float32 whatever the model dtype.
 """
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +90,26 @@ def project_once_per_call(layer: nn.Module) -> None:
     layer.register_forward_hook(leave, always_call=True)
 
 
+SUBSPACES = ("top", "bottom", "random")
+
+
 @dataclass(frozen=True)
 class Options:
     k: int | None = None  # number of preserved singular triples (the paper: 16 or 128)
+    k_fraction: float | None = None  # or k as this fraction of each matrix's min(m, n), rounded, at least 1
+    subspace: str = "top"  # top (the paper's) | bottom | random: which k-dimensional subspace is protected
+    seed: int = 0  # the random subspace's seed (each matrix draws its own basis from it and its name)
+
+    def rank(self, shape: tuple[int, int]) -> int:
+        """k for an m×n matrix."""
+        return self.k if self.k is not None else max(1, round(self.k_fraction * min(shape)))
+
+
+def random_basis(size: int, k: int, seed: int, name: str, side: str) -> torch.Tensor:
+    """A size×k orthonormal basis, uniformly random (QR of a Gaussian), reproducible from (seed, name, side)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}:{side}".encode()))
+    Q, R = torch.linalg.qr(torch.randn(size, k, generator=generator, dtype=torch.float64))
+    return (Q * torch.sign(torch.diagonal(R))).float()  # signs fixed: the Haar distribution
 
 
 @register
@@ -94,23 +118,41 @@ class OPLoRA(Method):
     Options = Options
 
     def check(self, settings, shapes):
-        k = self.options(settings).k
-        if k is None or k < 1:
-            raise ValueError(f"oplora needs a projection rank k >= 1 (the paper uses 16 or 128), got {k}")
+        options = self.options(settings)
+        if (options.k is None) == (options.k_fraction is None):
+            raise ValueError("oplora needs exactly one of k (the projection rank, the paper uses 16 or 128) and "
+                             f"k_fraction (k as a fraction of min(m, n)); got k={options.k}, "
+                             f"k_fraction={options.k_fraction}")
+        if options.k is not None and options.k < 1 or options.k_fraction is not None and not 0 < options.k_fraction < 1:
+            raise ValueError(f"oplora needs k >= 1 or 0 < k_fraction < 1, got k={options.k}, "
+                             f"k_fraction={options.k_fraction}")
+        if options.subspace not in SUBSPACES:
+            raise ValueError(f"oplora subspace={options.subspace!r}; valid: {', '.join(SUBSPACES)}")
         for name, (m, n) in shapes.items():
-            if k >= min(m, n):
-                raise ValueError(f"projection rank k={k} must be below min(m, n)={min(m, n)} of {name} "
-                                 f"({m}×{n})")
+            if options.rank((m, n)) >= min(m, n):
+                raise ValueError(f"projection rank k={options.rank((m, n))} must be below min(m, n)={min(m, n)} "
+                                 f"of {name} ({m}×{n})")
 
-    def svd_needs(self, settings):
-        return self.options(settings).k, 0
+    def svd_needs(self, settings, shape):
+        options = self.options(settings)
+        k = options.rank(shape)
+        return {"top": (k, 0), "bottom": (0, k), "random": (0, 0)}[options.subspace]
+
+    def basis(self, options: Options, W: torch.Tensor, name: str, svd) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k, V_k): the protected left and right bases of W."""
+        k = options.rank(tuple(W.shape))
+        if options.subspace == "random":
+            return (random_basis(W.shape[0], k, options.seed, name, "left"),
+                    random_basis(W.shape[1], k, options.seed, name, "right"))
+        part = svd.top(W, k, name) if options.subspace == "top" else svd.bottom(W, k, name)
+        return part.U, part.V
 
     def initialize(self, model, settings, svd, tokenizer=None):
-        k = self.options(settings).k
-        for name, layer in tqdm(list(lora_layers(model)), desc=f"oplora-{k} init", unit="matrix"):
-            top = svd.top(layer.base_layer.weight, k, name)
-            for module, basis, side in ((layer.lora_A[ADAPTER], top.V, "right"),
-                                        (layer.lora_B[ADAPTER], top.U, "left")):
+        options = self.options(settings)
+        k = options.k if options.k is not None else f"{options.k_fraction:g}·min(m,n)"
+        for name, layer in tqdm(list(lora_layers(model)), desc=f"oplora-{k} {options.subspace} init", unit="matrix"):
+            U, V = self.basis(options, layer.base_layer.weight, name, svd)
+            for module, basis, side in ((layer.lora_A[ADAPTER], V, "right"), (layer.lora_B[ADAPTER], U, "left")):
                 projection = Orthogonalize(basis.to(module.weight.device), side)
                 parametrize.register_parametrization(module, "weight", projection)
             project_once_per_call(layer)

@@ -11,7 +11,7 @@ class PiSSA(Method):
     mutates_base = True
     principal = True  # MiLoRA flips this to take the minor triples
 
-    def svd_needs(self, settings):
+    def svd_needs(self, settings, shape):
         return (settings.r, 0) if self.principal else (0, settings.r)
 
     def initialize(self, model, settings, svd, tokenizer=None):
