@@ -44,7 +44,8 @@ def test_kl_is_the_mean_over_real_tokens_of_the_exact_divergence(tuned, tmp_path
     prompts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(PROMPTS)))
     settings = {"batch_size": 4, "cpu_batch_size": 3, "max_length": 64, "tasks": {"held": {"path": str(prompts)}}}
     result = Stage(Target(base_dir, adapter), settings, None, tmp_path / "work").run("held")
-    per_prompt = [json.loads(line)["kl"] for line in open(tmp_path / "work" / "held.samples.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "work" / "held.samples.jsonl")]
+    per_prompt, nll_increase = [r["kl"] for r in rows], [r["nll_increase"] for r in rows]
 
     # the same number computed one prompt at a time, without padding, from the two models' probabilities
     from peft import PeftModel
@@ -53,14 +54,18 @@ def test_kl_is_the_mean_over_real_tokens_of_the_exact_divergence(tuned, tmp_path
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                                             adapter).eval()
-    expected = []
+    expected, expected_nll = [], []
     with torch.no_grad():
         for text in PROMPTS:
             ids = tokenizer(text, return_tensors="pt")["input_ids"]
             p = torch.softmax(base(ids).logits.double(), -1)
             q = torch.softmax(tuned_model(ids).logits.double(), -1)
             expected.append(float((p * (p.log() - q.log())).sum(-1).mean()))
+            following = ids[0, 1:]  # the text's own next tokens: the tuned model's NLL minus the base model's
+            expected_nll.append(float((p[0, :-1].log() - q[0, :-1].log()).gather(-1, following[:, None]).mean()))
     assert per_prompt == pytest.approx(expected, rel=1e-4, abs=1e-7)  # padding in a batch changes nothing
+    assert nll_increase == pytest.approx(expected_nll, rel=1e-4, abs=1e-6)
+    assert result["metrics"]["held_nll"]["value"] == pytest.approx(np.mean(expected_nll), rel=1e-4, abs=1e-7)
     assert min(per_prompt) > 0
     metric = result["metrics"]["held"]
     assert metric["value"] == pytest.approx(np.mean(expected), rel=1e-4) and metric["n"] == len(PROMPTS)
@@ -71,7 +76,8 @@ def test_kl_of_a_model_with_itself_is_zero(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"], dtype=torch.float32).eval()
     ids = torch.randint(0, 100, (2, 9))
     mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
-    assert token_kl(model, model, ids, mask).abs().max() < 1e-6
+    kl, nll = token_kl(model, model, ids, mask)
+    assert kl.abs().max() < 1e-6 and nll.abs().max() < 1e-6
 
 
 def test_base_row_scores_zero_without_loading_a_model(tmp_path):

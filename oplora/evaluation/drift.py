@@ -59,12 +59,21 @@ def load(model_dir: str, target: Target, adapter: str | None = None):
 
 
 @torch.no_grad()
-def token_kl(base, tuned, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per sequence: the mean over its real positions of KL(base ‖ tuned) of the next-token distributions."""
+def token_kl(base, tuned, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the mean over its real positions of KL(base ‖ tuned) of the next-token distributions, and the
+    mean over its real next tokens of the tuned model's negative log-likelihood minus the base model's (nats)."""
     log_p = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     log_q = torch.log_softmax(tuned(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (kl * mask).sum(1) / mask.sum(1)
+    following = mask[:, 1:]  # positions whose next token is real text
+    gain = (log_p[:, :-1] - log_q[:, :-1]).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (kl * mask).sum(1) / mask.sum(1), (gain * following).sum(1) / following.sum(1).clamp(min=1)
+
+
+def mean_metric(name: str, values: tuple[float, ...]) -> dict:
+    """A stage metric: the mean over prompts, its standard error, n (`name`: the per-prompt field of the samples)."""
+    n, std = len(values), stdev(values) if len(values) > 1 else None
+    return {"metric": name, "value": fmean(values), "stderr": std / math.sqrt(n) if std else None, "n": n}
 
 
 class Stage:
@@ -74,11 +83,12 @@ class Stage:
         self.target, self.settings, self.limit, self.merged = target, settings, limit, merged
         self.workdir = Path(workdir)
 
-    def scores(self, prompts: list[dict]) -> list[float]:
+    def scores(self, prompts: list[dict]) -> list[tuple[float, float]]:
+        """(KL, NLL increase) per prompt; both 0 for the base model itself."""
         from transformers import AutoTokenizer
 
         if self.target.adapter is None:
-            return [0.0] * len(prompts)
+            return [(0.0, 0.0)] * len(prompts)
         tokenizer = AutoTokenizer.from_pretrained(self.target.base)
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None:
@@ -91,23 +101,23 @@ class Stage:
         for start in tqdm(range(0, len(prompts), size), desc="KL(base ‖ tuned)", unit="batch"):
             batch = tokenizer([p["text"] for p in prompts[start:start + size]], return_tensors="pt", padding=True,
                               truncation=True, max_length=self.settings["max_length"])
-            out += token_kl(base, tuned, batch["input_ids"].to(base.device),
-                            batch["attention_mask"].to(base.device)).tolist()
+            kl, nll = token_kl(base, tuned, batch["input_ids"].to(base.device), batch["attention_mask"].to(base.device))
+            out += zip(kl.tolist(), nll.tolist(), strict=True)
         return out
 
     def run(self, task: str) -> dict:
         spec = self.settings["tasks"][task]
         prompts = read_prompts(spec["path"], self.limit)
-        values = self.scores(prompts)
-        if bad := sum(not math.isfinite(v) for v in values):
-            raise FloatingPointError(f"kl/{task}: {bad} of {len(values)} scores are not finite: the model is broken")
-        n, mean = len(values), fmean(values)
-        std = stdev(values) if n > 1 else None
+        scores = self.scores(prompts)
+        if bad := sum(not math.isfinite(v) for pair in scores for v in pair):
+            raise FloatingPointError(f"kl/{task}: {bad} of {2 * len(scores)} scores are not finite: the model is "
+                                     "broken")
         samples = self.workdir / f"{task}.samples.jsonl"
         samples.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(samples, "".join(json.dumps({"doc_id": p.get("id", i), "kl": v}) + "\n"
-                                           for i, (p, v) in enumerate(zip(prompts, values, strict=True))))
-        return {"metrics": {task: {"metric": "kl", "value": mean, "stderr": std / math.sqrt(n) if std else None,
-                                   "n": n}},
+        rows = ({"doc_id": p.get("id", i), "kl": kl, "nll_increase": nll}
+                for i, (p, (kl, nll)) in enumerate(zip(prompts, scores, strict=True)))
+        atomic_write_text(samples, "".join(json.dumps(row) + "\n" for row in rows))
+        kl, nll = zip(*scores, strict=True)
+        return {"metrics": {task: mean_metric("kl", kl), f"{task}_nll": mean_metric("nll_increase", nll)},
                 "details": {task: {"prompts": spec["path"], "max_length": self.settings["max_length"],
                                    "computed": self.target.adapter is not None, "samples": str(samples)}}}
