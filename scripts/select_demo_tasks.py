@@ -10,7 +10,6 @@ is at hand (OPLORA_BIGBENCH_ARCHIVE, oplora/artifacts.py), BIG-bench's English m
 
 import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -65,15 +64,13 @@ def select(model: str = "oplora:smollm2-135m-instruct", limit: int = 1000, metri
         if name in rows:
             continue
         docs = [json.loads(line) for line in open(root / f"{stem}.jsonl")][:limit]
-        start = time.perf_counter()
         found = evaluate_task(lm, name, settings, limit, Path(out.parent / "selection-samples.jsonl"))
         result = found["metrics"][name]
         level = chance(docs)
         rows[name] = {"n": len(docs), "chance": level, metric: result["value"], "stderr": result["stderr"],
                       "acc": found["details"][name]["results"].get("acc,none"),
                       "z": (result["value"] - level) / result["stderr"],
-                      "kept": result["value"] >= level + 4 * result["stderr"],
-                      "seconds": round(time.perf_counter() - start, 1), "source": source}
+                      "kept": result["value"] >= level + 4 * result["stderr"], "source": source}
         print(name, {k: v for k, v in rows[name].items() if k != "source"}, flush=True)
         write(out, header, rows)
     Path(out.parent / "selection-samples.jsonl").unlink(missing_ok=True)
@@ -88,10 +85,9 @@ def write(out: Path, header: dict, rows: dict) -> list[str]:
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
     lines = [f"# Forgetting-task candidates measured on the base model ({model}, first {limit} questions, {metric})",
              "", f"Kept: {RULE} (`scripts/select_demo_tasks.py`). Sources: each task's `source` in the JSON record.",
-             "", f"| task | n | chance | {metric} | acc | stderr | z | kept | seconds |",
-             "|:--|--:|--:|--:|--:|--:|--:|:--|--:|"]
+             "", f"| task | n | chance | {metric} | acc | stderr | z | kept |", "|:--|--:|--:|--:|--:|--:|--:|:--|"]
     lines += [f"| {name} | {r['n']} | {100 * r['chance']:.1f} | {100 * r[metric]:.1f} | {100 * (r['acc'] or 0):.1f} "
-              f"| {100 * r['stderr']:.1f} | {r['z']:.1f} | {'yes' if r['kept'] else 'no'} | {r['seconds']} |"
+              f"| {100 * r['stderr']:.1f} | {r['z']:.1f} | {'yes' if r['kept'] else 'no'} |"
               for name, r in rows.items()]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return kept
