@@ -165,7 +165,8 @@ def needs(cfg: DictConfig, cells: dict) -> list[Item]:
 def fetch(cfg: DictConfig, cells: dict) -> bool:
     """Fetch what is not cached yet; True when something was downloaded. What cannot be had is named, with why: an
     item the whole experiment needs (the model, the training data) stops everything (FileNotFoundError); an item
-    only some columns need stops only those (ColumnsUnavailable, raised after everything else was fetched).
+    only some columns need stops only those (ColumnsUnavailable, raised after everything else was fetched). Online,
+    a whole-experiment item that fails to download (a gated model without a token, say) stops fetch at once.
     Offline (HF_HUB_OFFLINE set), a hub item missing from the cache is named with `make fetch`."""
     items, downloaded, missing = needs(cfg, cells), [], []
     offline = hub_offline()
@@ -184,6 +185,8 @@ def fetch(cfg: DictConfig, cells: dict) -> bool:
             with hub_mode(offline=False):
                 item.load()
         except Exception as err:
+            if not item.columns:  # the model or the training data: nothing can run, stop at once (gated, gone, …)
+                raise
             missing.append((item, err))
             continue
         downloaded.append(item.hub_id)
