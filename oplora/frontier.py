@@ -39,7 +39,8 @@ from oplora.paired import LEVEL, SEED, B, excludes_zero, percentile_interval, re
 Curve = list[tuple[float, float]]  # (learning, forgetting), learning strictly ascending
 TARGET_RULE = ("the reference method's learning at its best lr: per lr, the mean over seeds of its final "
                "checkpoint's learning; the best lr is the one where that mean is highest (a tie: the smaller lr); "
-               "the target is that mean")
+               "the target is the lowest of that lr's final learnings over seeds, so that every seed of the reference "
+               "reaches it")
 INTERVALS = {
     "low, high": f"{LEVEL:.0%} t-interval over seeds of the per-seed differences in forgetting at the target, "
                  "mean ± t(S−1)·sd/√S, over the seeds where both methods reach it; null with one such seed",
@@ -149,7 +150,7 @@ def target_level(points: Sequence[Point], reference: str, level: float | None = 
     for (lr, _), p in final.items():
         by_lr.setdefault(lr, []).append(p.learning)
     best = max(sorted(by_lr), key=lambda lr: np.mean(by_lr[lr]))  # the first maximum: the smaller lr on a tie
-    return Target(float(np.mean(by_lr[best])), TARGET_RULE, best)
+    return Target(float(min(by_lr[best])), TARGET_RULE, best)
 
 
 def resampled_at(points: Sequence[Point], origin: Origin, level: float, b: int, seed: int
@@ -206,10 +207,10 @@ def difference(method: str, reference: str, at: dict[tuple[str, int], float | No
                                for m, seeds in short.items() if seeds)
     elif t is None:
         out["claim"], out["why"] = None, f"{len(reached)} seed(s): no interval over seeds"
-    elif excludes_zero(t):
-        out["claim"], out["why"] = "forgets less" if t[1] < 0 else "forgets more", "the interval excludes 0"
+    elif excludes_zero(t) and (out["cond_low"] is None or excludes_zero((out["cond_low"], out["cond_high"]))):
+        out["claim"], out["why"] = "forgets less" if t[1] < 0 else "forgets more", "both intervals exclude 0"
     else:
-        out["claim"], out["why"] = None, "the interval includes 0"
+        out["claim"], out["why"] = None, "an interval includes 0"
     return out
 
 
