@@ -57,3 +57,17 @@ def test_width_matched_k_and_bad_settings_are_refused_before_any_compute(tiny_di
                        ({"k_fraction": 0.99}, "must be below min")):
         with pytest.raises(ValueError, match=match):
             adapt(tiny_dirs["llama"], settings("oplora", **bad), svd)
+
+
+def test_the_projection_stays_float32_under_bf16_mixed_precision(tiny_dirs, svd):
+    """bf16 training (the paper's; torch.autocast on CPU and GPU) must not round the projection's products."""
+    _, model = adapt(tiny_dirs["llama"], settings("oplora", k=8), svd)
+    _, layer = next(iter(lora_layers(model)))
+    module = layer.lora_B[ADAPTER]
+    with torch.no_grad():
+        module.parametrizations.weight.original.normal_(0, 1)
+    plain = module.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = module.weight.detach().clone()
+    U = protected(layer)[0]
+    assert torch.equal(mixed, plain) and (U.T @ mixed).abs().max() < 1e-5

@@ -37,7 +37,8 @@ class Orthogonalize(nn.Module):
         if self.basis.device != X.device:
             self.basis = self.basis.to(X.device)
         X, Q = X.float(), self.basis
-        return X - Q @ (Q.T @ X) if self.side == "left" else X - (X @ Q) @ Q.T
+        with torch.autocast(X.device.type, enabled=False):  # bf16 mixed precision would run these products in bf16
+            return X - Q @ (Q.T @ X) if self.side == "left" else X - (X @ Q) @ Q.T
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.project(X).to(X.dtype)
