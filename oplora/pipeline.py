@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from oplora.config import CONFIG_DIR, trains
+from oplora.device import check_gpu, compute_dtype, gpu_present
 from oplora.diagnose import LazyWeights, diagnose_adapter, weight_files
 from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.fetch import ColumnsUnavailable, fetch, set_offline
@@ -36,7 +37,7 @@ from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
 from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
-from oplora.models import check_gpu, compute_dtype, weights_digest
+from oplora.models import weights_digest
 from oplora.record import cell_hash
 from oplora.report import collect
 from oplora.resources import resolve
@@ -163,7 +164,7 @@ def main_rank() -> bool:
 def isolated(cfg: DictConfig, step: Step) -> bool:
     """Whether a GPU step runs in a process of its own (`launcher.isolate`: auto = when a GPU is present)."""
     setting = cfg.launcher.get("isolate", False)
-    return step.resources == "gpu" and (torch.cuda.is_available() if setting == "auto" else bool(setting))
+    return step.resources == "gpu" and (gpu_present() if setting == "auto" else bool(setting))
 
 
 def run_isolated(step: Step, cfg: DictConfig, overrides: list[str], index: int, cell: Cell, run: RunDir,

@@ -39,6 +39,7 @@ from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from oplora.device import resolve_device
 from oplora.io import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,6 @@ MODES = ("exact", "randomized", "refined", "lowrank")
 LOWRANK_NITER = 2  # torch.svd_lowrank's default, which the paper's projection used
 REFINE_TARGET = 1e-12  # refined mode iterates in float64 until max_i ‖W v_i − σ_i u_i‖/σ_1 is below this
 REFINE_MAX_ITERATIONS = 40
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto": this process's GPU when there is one (LOCAL_RANK under a distributed launcher), else the CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 def allowed_cores() -> int:

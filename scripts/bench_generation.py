@@ -36,6 +36,7 @@ from bench_methods import machine, table, timed
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oplora.device import default_dtype, resolve_device
 from oplora.export import export_adapter
 from oplora.io import atomic_write_text, cache_root
 from oplora.methods import AdapterSettings, build
@@ -109,7 +110,7 @@ def evalplus_path(model_dir: str, dtype: str, new_tokens: int, problems: int, to
 
 def stages(args) -> None:
     model_dir = args.model or str(smollm2_dir())
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    dtype = default_dtype(args.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     report = {"command": shlex.join(["python", *sys.argv]), "date": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), "machine": machine(args.device), "model": model_dir, "dtype": dtype,
@@ -136,7 +137,7 @@ def stages(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=resolve_device().type)
     parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M from the wheel)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         return stages(args)
     start = time.perf_counter()
     model_dir = args.model or str(smollm2_dir())
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, default_dtype(args.device))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]

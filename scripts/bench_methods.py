@@ -40,6 +40,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from oplora.device import default_dtype, resolve_device
 from oplora.diagnose import rho
 from oplora.io import atomic_write_text
 from oplora.methods import AdapterSettings, build
@@ -427,7 +428,7 @@ RESIZABLE = ("layers", "batch", "seq", "repeats")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=resolve_device().type)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     for field in RESIZABLE:
         parser.add_argument(f"--{field}", type=int, help=f"section-1 {field} (default: the preset's)")
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     resized = {field: getattr(args, field) for field in RESIZABLE if getattr(args, field)}
     preset = Preset(**{**asdict(PRESETS[args.preset]), **resized})
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, default_dtype(args.device))
     start = time.perf_counter()
     report = {"command": shlex.join(["python", *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

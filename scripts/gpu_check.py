@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import decaying_matrix, leakage, machine, table, timed  # noqa: E402
 
+from oplora.device import default_dtype, gpu_present  # noqa: E402
 from oplora.io import atomic_write_text  # noqa: E402
 from oplora.svd import SVDCache  # noqa: E402
 
@@ -136,7 +137,7 @@ def build_model(sizes: Sizes, device: str, directory: Path) -> Path:
                          num_key_value_heads=sizes.heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=False)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, default_dtype(device))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -165,7 +166,7 @@ def training_data(path: Path, sizes: Sizes) -> Path:
 
 
 def release() -> None:
-    from oplora.evaluation.common import release_gpu_memory
+    from oplora.device import release_gpu_memory
 
     release_gpu_memory()
 
@@ -180,7 +181,7 @@ def train_cell_main(out: Path, overrides: list[str]) -> int:
     from oplora.config import compose
 
     record: dict = {"steps": [], "start_step": None}
-    cuda = torch.cuda.is_available()
+    cuda = gpu_present()
 
     def save() -> None:
         record["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -301,7 +302,7 @@ def part_eval(sizes: Sizes, device: str, work: Path, model_dir: Path, adapter: s
     from oplora.evaluation.common import vllm_memory_fraction, vllm_unavailable
     from oplora.evaluation.target import Target, merged_dir
 
-    dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = default_dtype(device)
     release()
     merge_s, merged = timed(device, merged_dir, Target(str(model_dir), adapter, dtype), work / "merged")
     result: dict = {"merge_s": merge_s, "dtype": dtype}
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.smoke:
         parser.error("--device cpu runs the toy sizes only: add --smoke (the 7B shapes need a GPU)")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not gpu_present():
         print("gpu-check needs a CUDA GPU and torch.cuda.is_available() is False here (a CPU wheel, no GPU, or a "
               "driver older than the CUDA build: make install TORCH=cu126, README 'Running the paper's tables on a "
               "GPU cluster'). `--device cpu --smoke` runs the same code at toy sizes.", file=sys.stderr)

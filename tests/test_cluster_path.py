@@ -17,13 +17,13 @@ from test_train import overrides
 
 from helpers import compose
 from oplora import sandbox
+from oplora.device import check_gpu, compute_dtype
 from oplora.evaluation.code_eval import sandboxed_code_eval
 from oplora.evaluation.harness import task_manager
 from oplora.fetch import lm_eval_items
 from oplora.graph import GRAPH
 from oplora.grid import Cell
 from oplora.launch import pipeline_jobs
-from oplora.models import check_gpu, compute_dtype
 from oplora.pipeline import run
 from oplora.slurm import Step, parse_sacct, render, submit, wait
 
@@ -31,12 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_gpu_model_without_a_gpu_fails_at_once_naming_the_driver(tmp_path):
-    cfg = compose("experiment=table2", f"output_dir={tmp_path}/run", f"pipeline.results_dir={tmp_path}/tables")
+    overrides = ["experiment=table2", f"output_dir={tmp_path}/run/${{method.label}}",
+                 f"pipeline.results_dir={tmp_path}/tables"]
+    cfg = compose(*overrides)
     with pytest.raises(RuntimeError, match=r"(?s)torch sees no GPU.*nvidia-smi.*index-url"):
         check_gpu(cfg.model)
     assert compute_dtype(cfg.model) == "bfloat16"  # the CPU steps of a GPU run read the weights as training does
     with pytest.raises(RuntimeError, match="torch sees no GPU"):
-        run(cfg, ["experiment=table2", f"output_dir={tmp_path}/run", f"pipeline.results_dir={tmp_path}/tables"])
+        run(cfg, overrides)
     assert not any(tmp_path.iterdir())  # refused before fetch, svd or any run directory
     rehearsal = compose("experiment=table2", "model.device=auto")
     check_gpu(rehearsal.model)
@@ -175,7 +177,7 @@ def test_fetch_loads_code_tasks_without_the_sandbox(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap
     sandbox._probe.cache_clear()
     try:
-        (item,) = lm_eval_items(["toy_code"], [str(tmp_path)], "bwrap")
+        (item,) = lm_eval_items({"toy_code": ("Code",)}, [str(tmp_path)], "bwrap")
         assert "toy_code" in item.load()
         assert "UNSANDBOXED" not in caplog.text
         manager = task_manager([str(tmp_path)])
@@ -185,7 +187,7 @@ def test_fetch_loads_code_tasks_without_the_sandbox(tmp_path, monkeypatch, caplo
     finally:
         sandbox._probe.cache_clear()
     with pytest.raises(ValueError, match="valid: bwrap, none"):
-        lm_eval_items(["toy_code"], [str(tmp_path)], "docker")
+        lm_eval_items({"toy_code": ("Code",)}, [str(tmp_path)], "docker")
 
 
 def test_the_svd_uses_the_cores_of_the_job_not_of_the_node():

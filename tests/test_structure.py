@@ -52,3 +52,10 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_cycle_finder_finds_one():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_gpu_or_cpu_is_decided_in_one_place():
+    """Only oplora/device.py asks torch whether there is a GPU: every step, stage and method takes its answer."""
+    askers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                    if "cuda.is_available" in p.read_text() and p != PACKAGE / "device.py")
+    assert askers == []

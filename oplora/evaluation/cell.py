@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 
 from oplora.artifacts import ArtifactUnavailable
 from oplora.config import trains
+from oplora.device import check_gpu, eval_dtype
 from oplora.evaluation import STAGES
 from oplora.evaluation.target import Target, merged_dir
 from oplora.io import CorruptFile, atomic_write_text, content_digest, content_hash, file_sha256, read_json
-from oplora.models import check_gpu, eval_dtype
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.resources import PREFIX, resolve
 from oplora.rundir import RunDir

@@ -4,14 +4,13 @@ of an accuracy."""
 from __future__ import annotations
 
 import functools
-import gc
 import importlib.util
 import logging
 import math
 import subprocess
 import sys
 
-import torch
+from oplora.device import gpu_present
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
@@ -32,7 +31,7 @@ def vllm_unavailable() -> str | None:
     if probe.returncode != 0:
         lines = (probe.stderr.strip() or f"exit status {probe.returncode}").splitlines()
         return f"vLLM is installed but does not load ({lines[-1]})"
-    return None if torch.cuda.is_available() else "no GPU"
+    return None if gpu_present() else "no GPU"
 
 
 def generation_backend(name: str) -> str:
@@ -48,17 +47,9 @@ def generation_backend(name: str) -> str:
         return "vllm"
     if name == "vllm":
         raise RuntimeError(f"generation backend vllm: {reason}; choose backend=hf or auto (HF generate)")
-    if torch.cuda.is_available():
+    if gpu_present():
         log.warning("%s: generating with HF generate instead (slower)", reason)
     return "hf"
-
-
-def release_gpu_memory() -> None:
-    """Give the GPU memory of freed tensors back to the device (torch keeps it cached otherwise): a merged model or an
-    earlier stage's model would hold it while vLLM, in this process or a child, asks for its share."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def vllm_memory_fraction(free: int, total: int, wanted: float = 0.9, margin: int = 1 << 30) -> float:

@@ -18,10 +18,10 @@ from statistics import fmean, stdev
 import torch
 from tqdm import tqdm
 
+from oplora.device import batch_size, resolve_device
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.resources import resolve
-from oplora.svd import resolve_device
 
 
 def read_prompts(path: str, limit: int | None) -> list[dict]:
@@ -96,7 +96,7 @@ class Stage:
         base = load(self.target.base, self.target)
         tuned = load(self.merged, self.target) if self.merged else load(self.target.base, self.target,
                                                                          self.target.adapter)
-        size = self.settings["batch_size" if torch.cuda.is_available() else "cpu_batch_size"]
+        size = batch_size(self.settings)
         out = []
         for start in tqdm(range(0, len(prompts), size), desc="KL(base ‖ tuned)", unit="batch"):
             batch = tokenizer([p["text"] for p in prompts[start:start + size]], return_tensors="pt", padding=True,

@@ -17,9 +17,8 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-
 from oplora.artifacts import ArtifactUnavailable
+from oplora.device import batch_size, resolve_device
 from oplora.evaluation.code_eval import sandboxed_code_eval
 from oplora.evaluation.common import check_generations, check_loglikelihoods
 from oplora.evaluation.target import Target
@@ -79,10 +78,8 @@ def load_lm(target: Target, settings: dict, merged: str | None):
     """An lm_eval HFLM on the merged model, or on the base with the exported adapter via `peft=`."""
     from lm_eval.models.huggingface import HFLM
 
-    gpu = torch.cuda.is_available()
     return HFLM(pretrained=merged or target.base, peft=None if merged else target.adapter,
-                dtype=target.dtype, device="cuda" if gpu else "cpu",
-                batch_size=settings["batch_size"] if gpu else settings["cpu_batch_size"],
+                dtype=target.dtype, device=resolve_device().type, batch_size=batch_size(settings),
                 trust_remote_code=target.trust_remote_code, add_bos_token=settings["add_bos_token"])
 
 

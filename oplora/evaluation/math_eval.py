@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from oplora.device import release_gpu_memory, resolve_device
 from oplora.evaluation import math_score
 from oplora.evaluation.common import (
     binomial_stderr,
     check_generations,
     generation_backend,
-    release_gpu_memory,
     vllm_memory_fraction,
 )
 from oplora.evaluation.target import Target
@@ -65,7 +65,7 @@ def hf_generator(model_dir: str, dtype: str, trust_remote_code: bool):
     """HF `generate`, the model loaded once: batched greedy generation, longest prompts first, left padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device().type
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", trust_remote_code=trust_remote_code)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),

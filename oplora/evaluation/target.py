@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from oplora.evaluation.common import release_gpu_memory
+from oplora.device import release_gpu_memory
 from oplora.export import merge
 from oplora.io import atomic_write_text, file_sha256
 

@@ -13,8 +13,8 @@ import torch
 
 from oplora import calibration
 from oplora.calibration import CalibrationSettings
+from oplora.device import resolve_device
 from oplora.methods.base import ADAPTER, Method, absorb_svd_part, lora_layers, register
-from oplora.svd import resolve_device
 
 VERSIONS = ("v1", "v2")
 
