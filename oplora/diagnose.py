@@ -14,7 +14,7 @@ For each adapted matrix W (m×n) with update ΔW and top singular triples (u_i, 
 - delta_v_ratio[k] = ‖ΔW V_k‖_F / ‖ΔW‖_F
 
 Everything is computed in float64 from the adapter's rank-r factors (`factor_quantities`: U_kᵀB, A V_k and
-r×r Gram matrices, never the m×n ΔW), one base weight read from safetensors at a time (`LazyWeights`); the
+r×r Gram matrices, never the m×n ΔW), one base weight read from safetensors at a time (`oplora.models.LazyWeights`); the
 report also aggregates each quantity over modules.
 
 The measurement does not trust the training's SVD cache: W is read from the base model's own files, and every
@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from oplora.io import atomic_write_text
 from oplora.methods.base import ADAPTER, PEFT_PREFIX, lora_layers
+from oplora.models import LazyWeights, unreadable
 from oplora.svd import MODES, SVDCache
 
 
@@ -142,11 +143,6 @@ def stacked(first: Factors, second: Factors) -> Factors:
     return Factors(B, torch.cat([first.A.double(), second.A.double()], dim=0))
 
 
-def unreadable(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is truncated or corrupt; "
-                      "re-download, re-convert or re-export it")
-
-
 def adapter_factors(adapter: str | Path) -> dict[str, Factors]:
     """ΔW = s·B A of every module of a saved plain PEFT LoRA adapter, as factors (never the m×n product)."""
     adapter = Path(adapter)
@@ -185,66 +181,6 @@ def model_deltas(model, original: dict[str, torch.Tensor]) -> dict[str, torch.Te
         return {name: layer.base_layer.weight.double() + layer.get_delta_weight(ADAPTER).double()
                 - original[name].double().to(layer.base_layer.weight.device)
                 for name, layer in lora_layers(model)}
-
-
-def weights_dir(base: str | Path) -> Path:
-    """A model directory, or the (cached) hub snapshot of a hub id, holding its safetensors."""
-    path = Path(base)
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(str(base), allow_patterns=["*.safetensors", "*.json"]))
-    return path
-
-
-def weight_files(base: str | Path) -> dict[str, Path]:
-    """`NAME.weight` → the safetensors file holding it, for a model directory or a cached hub snapshot."""
-    path = weights_dir(base)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"model directory {path} holds no *.safetensors weights: point model.path at a "
-                                "complete model directory or a hub id")
-    index = {}
-    for file in files:
-        try:
-            with safe_open(file, "pt") as f:
-                index.update(dict.fromkeys(f.keys(), file))
-        except SafetensorError as err:
-            raise unreadable(file, err) from err
-    return index
-
-
-class LazyWeights(Mapping):
-    """The base weights `NAME.weight` of the named modules, each read from safetensors when asked for."""
-
-    def __init__(self, base: str | Path, names: list[str], dtype: torch.dtype | None = None):
-        index = weight_files(base)
-        missing = sorted(n for n in names if f"{n}.weight" not in index)
-        if missing:
-            raise KeyError(f"{weights_dir(base)}: no weights for adapted modules "
-                           f"{missing[:3]}{'…' if len(missing) > 3 else ''}")
-        self.files = {n: index[f"{n}.weight"] for n in names}
-        self.dtype = dtype
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        file = self.files[name]
-        try:
-            with safe_open(file, "pt") as f:
-                W = f.get_tensor(f"{name}.weight")
-        except SafetensorError as err:
-            raise unreadable(file, err) from err
-        return W if self.dtype is None else W.to(self.dtype)
-
-    def __iter__(self):
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-
-def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), all read into memory."""
-    return dict(LazyWeights(base, names))
 
 
 def main(argv: list[str] | None = None) -> None:

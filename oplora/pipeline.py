@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from oplora.config import CONFIG_DIR, trains
 from oplora.device import check_gpu, compute_dtype, gpu_present
-from oplora.diagnose import LazyWeights, diagnose_adapter, weight_files
+from oplora.diagnose import diagnose_adapter
 from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.fetch import ColumnsUnavailable, fetch, set_offline
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
@@ -37,7 +37,7 @@ from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, cache_root, content_hash, read_json
 from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
-from oplora.models import weights_digest
+from oplora.models import LazyWeights, weight_files, weights_digest
 from oplora.record import cell_hash
 from oplora.report import collect
 from oplora.resources import resolve

@@ -45,12 +45,11 @@ from transformers.trainer_utils import SchedulerType
 from oplora import data, tracking
 from oplora.config import CONFIG_DIR, trains
 from oplora.device import check_gpu, compute_dtype, gpu_present
-from oplora.diagnose import weight_files
 from oplora.export import export_adapter, save_initial
 from oplora.io import atomic_write_text, cache_root, file_sha256, read_json
 from oplora.methods import AdapterSettings, build, get_method
 from oplora.methods.base import check_rank, target_shapes
-from oplora.models import weights_digest
+from oplora.models import weight_files, weights_digest
 from oplora.record import as_dict, config_hash, provenance
 from oplora.resources import resolve
 from oplora.rundir import RunDir

@@ -63,7 +63,7 @@ def fp64_gemm_gflops() -> float:
 
 # -- stages (each in its own process) ----------------------------------------------------------------
 def stage_svd(work: Path) -> dict:
-    from oplora.diagnose import LazyWeights
+    from oplora.models import LazyWeights
     from oplora.svd import SVDCache
 
     directory, names = smollm2_targets()

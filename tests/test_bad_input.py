@@ -10,8 +10,9 @@ from transformers import AutoTokenizer
 
 from helpers import adapt, compose, settings
 from oplora.data import tokenized
-from oplora.diagnose import adapter_deltas, base_weights
+from oplora.diagnose import adapter_deltas
 from oplora.methods import AdapterSettings
+from oplora.models import base_weights
 from oplora.svd import SVDCache
 from oplora.train import check_config
 

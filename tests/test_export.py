@@ -109,7 +109,8 @@ def dense_report(W, delta, ks, svd):
 
 
 def test_factor_form_diagnostics_equal_the_dense_form(tiny_dirs, svd, calibration_file, tmp_path):
-    from oplora.diagnose import LazyWeights, adapter_factors, diagnose_adapter
+    from oplora.diagnose import adapter_factors, diagnose_adapter
+    from oplora.models import LazyWeights
 
     base, ks = tiny_dirs["llama"], [4, 8, 16]
     for (method, extra), name in zip(ALL, IDS, strict=True):

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from oplora.registry import Registry
 from oplora.svd import SVDCache
 
 PAPER_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj", "o_proj")
@@ -84,27 +85,20 @@ class Method:
             model.save_pretrained(directory)
 
 
-_REGISTRY: dict[str, Method] = {}
+METHODS = Registry("method")
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its `name` (which must be new and non-empty)."""
-    if not cls.name or not cls.name.isidentifier():
-        raise ValueError(f"{cls.__name__}: a method needs a name that is a Python identifier, got {cls.name!r}")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"method {cls.name!r} is already registered by {type(_REGISTRY[cls.name]).__name__}")
-    _REGISTRY[cls.name] = cls()
-    return cls
+    return METHODS.register(cls)
 
 
 def methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def get_method(name: str) -> Method:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(methods())}")
-    return _REGISTRY[name]
+    return METHODS.get(name)()
 
 
 def target_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
