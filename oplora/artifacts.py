@@ -26,7 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from oplora.io import cache_root, file_sha256
+from oplora.cache import Cache
+from oplora.io import file_sha256
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class ArtifactUnavailable(FileNotFoundError):
 
 
 def cached(artifact: Artifact) -> Path:
-    return cache_root() / "artifacts" / artifact.filename
+    return Cache.default().artifacts / artifact.filename
 
 
 def verified(path: Path, artifact: Artifact) -> str | None:

@@ -26,8 +26,9 @@ import tarfile
 from pathlib import Path
 
 from oplora import artifacts
+from oplora.cache import Cache
 from oplora.demo_data import MC_TASK
-from oplora.io import build_once, cache_root, file_sha256
+from oplora.io import build_once, file_sha256
 
 ARCHIVE = artifacts.ARTIFACTS["bigbench"]
 MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/{}/task.json"
@@ -141,6 +142,6 @@ def make(root: Path, final: Path) -> None:
 
 def build() -> Path:
     """The task directory (built once, atomically)."""
-    root = cache_root() / "bigbench" / f"tasks-v{VERSION}"
+    root = Cache.default().bigbench / f"tasks-v{VERSION}"
     return build_once(root, lambda tmp: make(tmp, root), done="SOURCE.json")
 

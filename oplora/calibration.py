@@ -11,7 +11,7 @@ each window's activations X are scaled by |max(X)| and C += XᵀX in float32 on 
 share an input share one C.
 
 `null_spaces` turns the covariances into the eigenvectors of the r smallest eigenvalues (float64,
-one `eigh` per distinct input, with progress) and caches them under `root/calibration/`, keyed by
+one `eigh` per distinct input, with progress) and caches them in the cache's `calibration/` (oplora.cache), keyed by
 the model's weights, the corpus text's sha256 and the settings, so a resume or another training seed
 reuses them without running the model; a JSON next to them records the corpus. Every read is verified (the xxh3-128
 checksums stored with the tensors, one orthonormal n×r matrix per layer); a damaged file is named and recomputed.
@@ -172,18 +172,18 @@ def weights_identity(model: torch.nn.Module) -> str:
 
 
 def null_spaces(model: torch.nn.Module, layers: dict[str, torch.nn.Module], tokenizer,
-                settings: CalibrationSettings, r: int, root: Path) -> dict[str, torch.Tensor]:
+                settings: CalibrationSettings, r: int, directory: Path) -> dict[str, torch.Tensor]:
     """Each layer's U_null: eigenvectors (float64, n×r) of the r smallest eigenvalues of its input covariance C.
 
-    Cached in `root/calibration/<key>.safetensors`, key = (weights, corpus sha256, the settings, r, layer names);
-    a cached entry is read without running the model. `<key>.json` records the corpus: source, sha256, windows,
-    and whether a BOS token starts each window.
+    Cached in `directory/<key>.safetensors` (the cache's calibration/, oplora.cache), key = (weights, corpus sha256,
+    the settings, r, layer names); a cached entry is read without running the model. `<key>.json` records the
+    corpus: source, sha256, windows, and whether a BOS token starts each window.
     """
     text = corpus(settings)
     digest = hashlib.sha256(text.encode()).hexdigest()
     key = content_hash({"weights": weights_identity(model), "corpus_sha256": digest, "r": r, "layers": sorted(layers),
                         **{k: v for k, v in asdict(settings).items() if k != "source"}})
-    path = root / "calibration" / f"{key}.safetensors"
+    path = directory / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # ranks of one job, or concurrent cells, compute it once
         cached = read_cache(path, list(layers), r)

@@ -22,7 +22,8 @@ import datasets
 import pyarrow
 from filelock import FileLock
 
-from oplora.io import cache_root, content_digest, content_hash
+from oplora.cache import Cache
+from oplora.io import content_digest, content_hash
 from oplora.prompt import PROMPT
 from oplora.resources import resolve
 
@@ -68,17 +69,17 @@ def content_key(path: str) -> str | None:
     return content_digest(local) if local else None
 
 
-def load_records(path: str, split: str = "train", limit: int | None = None,
+def load_records(path: str, cache: Cache, split: str = "train", limit: int | None = None,
                  wanted: dict | None = None) -> datasets.Dataset:
     """A hub dataset id, a local .json/.jsonl file or the demo's `oplora:demo-train`; the records matching `wanted`
-    (`select`), of which `limit` keeps the first."""
+    (`select`), of which `limit` keeps the first. `cache` holds datasets' cache of a local file."""
     check_limit(limit)
     local = local_file(path)
     if local:
         check_text_file(local)
         try:  # datasets' own cache keys a local file on its mtime: key it on the content instead
             records = datasets.load_dataset("json", data_files={split: str(local)}, split=split,
-                                            cache_dir=str(cache_root() / "datasets" / content_key(path)[:16]))
+                                            cache_dir=str(cache.datasets / content_key(path)[:16]))
         except Exception as err:  # datasets wraps parser errors in several types
             raise ValueError(f"data file {local} is not valid json/jsonl: {err}") from err
     else:
@@ -155,22 +156,22 @@ def read_cache(cache: Path, records: int) -> datasets.Dataset | None:
     return None
 
 
-def tokenized(cfg, tokenizer, cache_dir: Path) -> datasets.Dataset:
+def tokenized(cfg, tokenizer, cache: Cache) -> datasets.Dataset:
     """The training set of a data config, tokenized (cached), with fully masked examples dropped."""
     wanted = dict(cfg.get("filter") or {})
-    records = load_records(cfg.path, cfg.split, cfg.limit, wanted)
+    records = load_records(cfg.path, cache, cfg.split, cfg.limit, wanted)
     check_fields(records, cfg.path, cfg.query, cfg.response)
     key = content_hash([cfg.path, cfg.split, wanted, cfg.limit, cfg.query, cfg.response, cfg.max_length, PROMPT,
                         tokenizer_digest(tokenizer), inspect.getsource(encode),
                         content_key(cfg.path) or records._fingerprint])
-    cache = cache_dir / "data" / f"{cfg.name}-{key[:16]}.arrow"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache
-        encoded = read_cache(cache, len(records))
+    path = cache.data / f"{cfg.name}-{key[:16]}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # concurrent cells (SLURM array tasks) share the cache
+        encoded = read_cache(path, len(records))
         if encoded is None:
             encoded = records.map(encode, fn_kwargs=dict(tokenizer=tokenizer, query=cfg.query, response=cfg.response,
                                                          max_length=cfg.max_length),
-                                  remove_columns=records.column_names, cache_file_name=str(cache), desc="tokenize")
+                                  remove_columns=records.column_names, cache_file_name=str(path), desc="tokenize")
     kept = encoded.filter(lambda learns: learns, input_columns="learns", batched=True, keep_in_memory=True)
     truncated, dropped = sum(encoded["truncated"]), len(encoded) - len(kept)
     log.info("data %s: %d examples, %d truncated to %d tokens, %d dropped (prompt fills max_length)",

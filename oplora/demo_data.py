@@ -15,7 +15,8 @@ import json
 import random
 from pathlib import Path
 
-from oplora.io import build_once, cache_root
+from oplora.cache import Cache
+from oplora.io import build_once
 from oplora.prompt import PROMPT
 
 VERSION = 4
@@ -86,6 +87,6 @@ def make(root: Path, final: Path) -> None:
 
 def build() -> Path:
     """The demo data directory (built once, atomically)."""
-    root = cache_root() / "demo" / f"v{VERSION}"
+    root = Cache.default().demo / f"v{VERSION}"
     return build_once(root, lambda tmp: make(tmp, root), done="calibration.txt")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from oplora.artifacts import ArtifactUnavailable
+from oplora.cache import Cache
 from oplora.config import trains
 from oplora.record import as_dict
 from oplora.resources import OFFLINE_ENV, PREFIX, hub_offline, is_hub_id, resolve
@@ -138,7 +139,8 @@ def needs(cfg: DictConfig, cells: dict) -> list[Item]:
 
     items = [model_item(cfg.model.path)] if is_hub_id(cfg.model.path) else []
     if is_hub_id(cfg.data.path):
-        items.append(Item("training data", cfg.data.path, lambda: data.load_records(cfg.data.path, cfg.data.split)))
+        items.append(Item("training data", cfg.data.path,
+                          lambda: data.load_records(cfg.data.path, Cache.of(cfg), cfg.data.split)))
     columns = [as_dict(c) for c in cfg.eval.columns]
     labels = lambda stage, task: tuple(c["label"] for c in columns if (c["stage"], c["task"]) == (stage, task))  # noqa: E731
     lm_tasks = {c["task"]: labels("lm_eval", c["task"]) for c in columns if c["stage"] == "lm_eval"}

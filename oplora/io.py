@@ -1,4 +1,4 @@
-"""Files: the cache root, content hashes, and atomic writes (a reader never sees a half-written file)."""
+"""Files: content hashes and atomic writes (a reader never sees a half-written file)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,6 @@ from pathlib import Path
 
 import xxhash
 from filelock import FileLock
-
-
-def cache_root() -> Path:
-    """SVD cache, converted models, tokenized data, demo data: $OPLORA_CACHE or ~/.cache/oplora."""
-    return Path(os.environ.get("OPLORA_CACHE", Path.home() / ".cache" / "oplora"))
 
 
 def content_hash(content) -> str:

@@ -22,11 +22,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from oplora import tracking
+from oplora.cache import ENV, Cache
 from oplora.config import trains
 from oplora.fetch import fetch
 from oplora.graph import GRAPH
 from oplora.graph import Step as GraphStep
-from oplora.io import cache_root
 from oplora.record import as_dict
 from oplora.resources import OFFLINE_ENV
 from oplora.slurm import Step, submit, wait
@@ -99,7 +99,7 @@ def job_environment(cfg: DictConfig) -> dict[str, str]:
     from huggingface_hub import constants
 
     env = dict.fromkeys(OFFLINE_ENV, "1") | {"WANDB_MODE": tracking.job_mode(cfg.wandb.mode)}
-    env |= {"HF_HOME": constants.HF_HOME, "OPLORA_CACHE": str(cache_root()),
+    env |= {"HF_HOME": constants.HF_HOME, ENV: str(Cache.default().root),
             "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")}  # evalplus's MBPP+
     return env | {name: os.environ[name] for name in PASSED_ON if os.environ.get(name)}
 

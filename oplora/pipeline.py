@@ -27,6 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from oplora.cache import Cache
 from oplora.config import CONFIG_DIR, trains
 from oplora.device import check_gpu, compute_dtype, gpu_present
 from oplora.diagnose import diagnose_adapter
@@ -34,7 +35,7 @@ from oplora.evaluation.cell import check_adapter, evaluate
 from oplora.fetch import ColumnsUnavailable, fetch, set_offline
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
-from oplora.io import atomic_write_text, cache_root, content_hash, read_json
+from oplora.io import atomic_write_text, content_hash, read_json
 from oplora.launch import step_command, submit_pipeline
 from oplora.methods import get_method
 from oplora.models import LazyWeights, weight_files, weights_digest
@@ -70,7 +71,7 @@ def svd_step(cfg: DictConfig, cells: dict[Cell, DictConfig]) -> bool:
     weights = target_weights(cfg)
     shards = cfg.pipeline.svd_shards
     shard_list = [cfg.pipeline.shard] if cfg.pipeline.shard is not None else range(shards)
-    svd = SVDCache(cfg.cache_dir or cache_root(), mode=cfg.svd_mode)
+    svd = SVDCache(Cache.of(cfg).root, mode=cfg.svd_mode)
     return sum(build(svd, list(weights), weights.__getitem__, needs, shard, shards) for shard in shard_list) > 0
 
 
@@ -97,7 +98,7 @@ def diagnose_step(cfg: DictConfig) -> bool:
                         "ks": list(cfg.pipeline.rho_ks)})
     if (read_json(run.diagnose) or {}).get("hash") == key:
         return False
-    result = diagnose_adapter(base, run.adapter, list(cfg.pipeline.rho_ks), SVDCache(cfg.cache_dir or cache_root()),
+    result = diagnose_adapter(base, run.adapter, list(cfg.pipeline.rho_ks), SVDCache(Cache.of(cfg).root),
                               getattr(torch, compute_dtype(cfg.model)))
     atomic_write_text(run.diagnose, json.dumps({"hash": key, "adapter_sha256": record["adapter_sha256"], **result},
                                                indent=2))

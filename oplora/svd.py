@@ -39,8 +39,9 @@ from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from oplora.cache import Cache
 from oplora.device import resolve_device
-from oplora.io import atomic_file, cache_root
+from oplora.io import atomic_file
 
 log = logging.getLogger(__name__)
 MODES = ("exact", "randomized", "refined", "lowrank")
@@ -200,13 +201,14 @@ def verify(W: torch.Tensor, entry: dict, mode: str, power_iterations: int = 8) -
 
 
 class SVDCache:
-    """Top/bottom singular triples of weight matrices, cached under `root/svd/`."""
+    """Top/bottom singular triples of weight matrices, cached under `root/svd/` (root: a cache root, oplora.cache)."""
 
     def __init__(self, root: str | Path | None = None, mode: str = "exact", min_rank: int = 128,
                  oversample: int | None = None, niter: int = 6, device: str | torch.device = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown SVD mode {mode!r}; valid modes: {', '.join(MODES)}")
-        self.dir = Path(root or cache_root()) / "svd"
+        self.cache = Cache(root) if root else Cache.default()  # its place in the cache (LoRA-Null's null spaces too)
+        self.dir = self.cache.svd
         self.mode, self.min_rank, self.oversample, self.niter = mode, min_rank, oversample, niter
         self.device = resolve_device(device)
 

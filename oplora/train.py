@@ -43,10 +43,11 @@ from transformers import (
 from transformers.trainer_utils import SchedulerType
 
 from oplora import data, tracking
+from oplora.cache import Cache
 from oplora.config import CONFIG_DIR, trains
 from oplora.device import check_gpu, compute_dtype, gpu_present
 from oplora.export import export_adapter, save_initial
-from oplora.io import atomic_write_text, cache_root, file_sha256, read_json
+from oplora.io import atomic_write_text, file_sha256, read_json
 from oplora.methods import AdapterSettings, build, get_method
 from oplora.methods.base import check_rank, target_shapes
 from oplora.models import weight_files, weights_digest
@@ -291,8 +292,8 @@ def validate(cfg: DictConfig) -> AdapterSettings:
     settings = adapter_settings(cfg)
     batch_split(cfg.train)
     if data.local_file(cfg.data.path):
-        data.check_fields(data.load_records(cfg.data.path, cfg.data.split, cfg.data.limit), cfg.data.path,
-                          cfg.data.query, cfg.data.response)
+        records = data.load_records(cfg.data.path, Cache.of(cfg), cfg.data.split, cfg.data.limit)
+        data.check_fields(records, cfg.data.path, cfg.data.query, cfg.data.response)
     model_dir = resolve(cfg.model.path)
     if Path(model_dir).is_dir():
         weight_files(model_dir)  # a local directory without (readable) weights is named here
@@ -316,7 +317,7 @@ def train(cfg: DictConfig) -> Path:
     if is_main_process():
         run.remove_stale_temporaries()
     args = training_arguments(cfg, run, ["wandb"] if tracking.effective_mode(cfg.wandb.mode) != "disabled" else [])
-    cache = Path(cfg.cache_dir or cache_root())
+    cache = Cache.of(cfg)
     set_seed(cfg.seed)
 
     model_dir = resolve(cfg.model.path)
@@ -326,7 +327,7 @@ def train(cfg: DictConfig) -> Path:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, compute_dtype(cfg.model)),
                                                  trust_remote_code=cfg.model.trust_remote_code)
     with args.main_process_first(desc="the adapter's SVD and calibration caches and the run directory"):
-        model = build(model, settings, SVDCache(cache, mode=cfg.svd_mode), tokenizer)  # the other ranks read them
+        model = build(model, settings, SVDCache(cache.root, mode=cfg.svd_mode), tokenizer)  # the other ranks read them
         prepare_output(run, cfg, chash)
     args.report_to = start_wandb(cfg)  # [] when W&B could not start: the Trainer's callback would retry online
     initial = None

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oplora import artifacts
-from oplora.io import build_once, cache_root, file_sha256
+from oplora.cache import Cache
+from oplora.io import build_once, file_sha256
 
 VERSION = 3
 SEED = 233
@@ -347,5 +348,5 @@ def make(root: Path, final: Path) -> None:
 
 def build() -> Path:
     """The task directory (built once, atomically)."""
-    root = cache_root() / "wordnet" / f"tasks-v{VERSION}"
+    root = Cache.default().wordnet / f"tasks-v{VERSION}"
     return build_once(root, lambda tmp: make(tmp, root), done="SOURCE.json")

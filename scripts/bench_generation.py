@@ -36,9 +36,10 @@ from bench_methods import machine, table, timed
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oplora.cache import Cache
 from oplora.device import default_dtype, resolve_device
 from oplora.export import export_adapter
-from oplora.io import atomic_write_text, cache_root
+from oplora.io import atomic_write_text
 from oplora.methods import AdapterSettings, build
 from oplora.methods.base import PAPER_TARGETS, lora_layers
 from oplora.models import smollm2_dir
@@ -54,7 +55,7 @@ def adapter(model_dir: str, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     settings = AdapterSettings(method="oplora", r=32, alpha=32, dropout=0.0, target_modules=PAPER_TARGETS,
                                options={"k": 16})
-    model = build(model, settings, SVDCache(cache_root()))
+    model = build(model, settings, SVDCache(Cache.default().root))
     torch.manual_seed(0)
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B["default"].parametrizations.weight.original, std=1e-3)

@@ -96,7 +96,7 @@ def stage_calibration(work: Path) -> dict:
     timings = {}
     for run in ("cold", "warm"):
         start = time.perf_counter()
-        calibration.null_spaces(model, layers, tokenizer, settings, R, work / "cache")
+        calibration.null_spaces(model, layers, tokenizer, settings, R, work / "cache" / "calibration")
         timings[f"{run}_s"] = time.perf_counter() - start
     eigh = {}
     for n in (576, 1536, 4096):

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from helpers import adapt, compose, settings
+from oplora.cache import Cache
 from oplora.data import tokenized
 from oplora.diagnose import adapter_deltas
 from oplora.methods import AdapterSettings
@@ -78,7 +79,7 @@ def tokenizer(tiny_dirs):
 
 def data_refused(tokenizer, tmp_path, match, *overrides):
     with pytest.raises(ValueError, match=match):
-        tokenized(compose("data=local", *overrides).data, tokenizer, tmp_path)
+        tokenized(compose("data=local", *overrides).data, tokenizer, Cache(tmp_path))
 
 
 def test_data_file_errors_name_the_file_record_and_field(tokenizer, tmp_path):
@@ -99,7 +100,8 @@ def test_data_file_errors_name_the_file_record_and_field(tokenizer, tmp_path):
     (tmp_path / "ok.jsonl").write_text(good * 4)
     data_refused(tokenizer, tmp_path, r"data.limit=-5 must be a positive integer .* or null",
                  f"data.path={tmp_path / 'ok.jsonl'}", "data.limit=-5")
-    assert len(tokenized(compose("data=local", f"data.path={tmp_path / 'ok.jsonl'}").data, tokenizer, tmp_path)) == 4
+    ok = compose("data=local", f"data.path={tmp_path / 'ok.jsonl'}").data
+    assert len(tokenized(ok, tokenizer, Cache(tmp_path))) == 4
 
 
 @pytest.mark.parametrize("override, message", [

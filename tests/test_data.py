@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from helpers import compose
 from oplora import data
+from oplora.cache import Cache
 from oplora.data import IGNORE, PROMPT, encode, tokenized
 
 
@@ -22,7 +23,7 @@ def tokenizer(tiny_dirs):
 ])
 def test_alpaca_prompt_masked_response_and_eos(name, query_field, response_field, data_files, tokenizer, tmp_path):
     cfg = compose(f"data={name}", f"data.path={data_files[name]}").data
-    encoded = tokenized(cfg, tokenizer, tmp_path)
+    encoded = tokenized(cfg, tokenizer, Cache(tmp_path))
     first = json.loads(data_files[name].read_text().splitlines()[0])
     ids, labels = encoded[0]["input_ids"], encoded[0]["labels"]
     prompt = PROMPT.format(query=first[query_field])
@@ -42,18 +43,18 @@ def test_metamath_slice_truncation_and_cache(data_files, tokenizer, tmp_path, ca
     cfg = compose("data=metamath100k", f"data.path={data_files['metamath100k']}", "data.limit=10",
                   f"data.max_length={max_length}").data
     with caplog.at_level("INFO"):
-        encoded = tokenized(cfg, tokenizer, tmp_path)
+        encoded = tokenized(cfg, tokenizer, Cache(tmp_path))
     assert len(encoded) == 10 and max(len(x) for x in encoded["input_ids"]) == max_length
     assert f"10 examples, 10 truncated to {max_length} tokens, 0 dropped" in caplog.text
     assert len(list((tmp_path / "data").glob("metamath100k-*.arrow"))) == 1  # tokenized once, reused
-    again = tokenized(cfg, tokenizer, tmp_path)
+    again = tokenized(cfg, tokenizer, Cache(tmp_path))
     assert again["input_ids"] == encoded["input_ids"]
 
 
 def test_data_errors_name_the_file_and_field(data_files, tokenizer, tmp_path):
     def fails(match, *overrides):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
-            tokenized(compose("data=local", *overrides).data, tokenizer, tmp_path)
+            tokenized(compose("data=local", *overrides).data, tokenizer, Cache(tmp_path))
 
     fails("data file .*missing.jsonl does not exist", f"data.path={tmp_path / 'missing.jsonl'}")
     (tmp_path / "empty.jsonl").write_text("")
@@ -69,13 +70,13 @@ def test_data_errors_name_the_file_and_field(data_files, tokenizer, tmp_path):
 def test_codefeedback_python_subset_is_the_default(data_files, tokenizer, tmp_path, caplog):
     path = f"data.path={data_files['codefeedback']}"
     with caplog.at_level("INFO"):
-        python = tokenized(compose("data=codefeedback", path).data, tokenizer, tmp_path)
+        python = tokenized(compose("data=codefeedback", path).data, tokenizer, Cache(tmp_path))
     assert len(python) == 36 and "36 of 48 records match data.filter={'lang': 'python'}" in caplog.text
-    assert len(tokenized(compose("data=codefeedback", path, "data.filter=null").data, tokenizer, tmp_path)) == 48
-    limited = tokenized(compose("data=codefeedback", path, "data.limit=4").data, tokenizer, tmp_path)
+    assert len(tokenized(compose("data=codefeedback", path, "data.filter=null").data, tokenizer, Cache(tmp_path))) == 48
+    limited = tokenized(compose("data=codefeedback", path, "data.limit=4").data, tokenizer, Cache(tmp_path))
     assert "times_4(" in tokenizer.decode(limited[3]["input_ids"])  # filtered (3 is JavaScript), then limited
     with pytest.raises(ValueError, match=r"no record matches .*'lang': \['javascript', 'python'\]"):
-        tokenized(compose("data=codefeedback", path, "data.filter={lang:Python}").data, tokenizer, tmp_path)
+        tokenized(compose("data=codefeedback", path, "data.filter={lang:Python}").data, tokenizer, Cache(tmp_path))
 
 
 def test_sentencepiece_response_has_no_word_start_token_of_its_own():
@@ -97,29 +98,29 @@ def test_sentencepiece_response_has_no_word_start_token_of_its_own():
 def test_cache_key_follows_the_tokenizer_content_and_the_encoding_code(data_files, tiny_dirs, tmp_path, monkeypatch):
     cfg = compose("data=metamath100k", f"data.path={data_files['metamath100k']}", "data.limit=4").data
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
-    tokenized(cfg, tokenizer, tmp_path)
+    tokenized(cfg, tokenizer, Cache(tmp_path))
     tokenizer.add_tokens(["plus"])  # same name and a known length change aside, the content differs
-    tokenized(cfg, tokenizer, tmp_path)
+    tokenized(cfg, tokenizer, Cache(tmp_path))
     monkeypatch.setattr(data, "encode", lambda record, **kw: encode(record, **kw))  # other encoding code
-    tokenized(cfg, tokenizer, tmp_path)
+    tokenized(cfg, tokenizer, Cache(tmp_path))
     assert len(list((tmp_path / "data").glob("metamath100k-*.arrow"))) == 3
 
 
 @pytest.mark.parametrize("damage", ["truncated", "short"])
 def test_a_damaged_tokenized_cache_is_named_and_rebuilt(damage, data_files, tokenizer, tmp_path, caplog):
     cfg = compose("data=metamath100k", f"data.path={data_files['metamath100k']}").data
-    first = tokenized(cfg, tokenizer, tmp_path).to_dict()
+    first = tokenized(cfg, tokenizer, Cache(tmp_path)).to_dict()
     (cache,) = (tmp_path / "data").glob(f"metamath100k-{'?' * 16}.arrow")
     if damage == "truncated":
         damaged = cache.read_bytes()[: cache.stat().st_size // 2]
     else:  # a complete arrow file of fewer examples (the first 10 records): it reads without error
         tokenized(compose("data=metamath100k", f"data.path={data_files['metamath100k']}", "data.limit=10").data,
-                  tokenizer, tmp_path / "ten")
+                  tokenizer, Cache(tmp_path / "ten"))
         (ten,) = (tmp_path / "ten" / "data").glob(f"metamath100k-{'?' * 16}.arrow")
         damaged = ten.read_bytes()
     (tmp_path / "damaged").write_bytes(damaged)
     (tmp_path / "damaged").replace(cache)  # a new file: the cached dataset above still maps the old one
-    assert tokenized(cfg, tokenizer, tmp_path).to_dict() == first
+    assert tokenized(cfg, tokenizer, Cache(tmp_path)).to_dict() == first
     assert f"tokenized data cache {cache} is damaged" in caplog.text and "rebuilding it" in caplog.text
     caplog.clear()
-    assert tokenized(cfg, tokenizer, tmp_path).to_dict() == first and "damaged" not in caplog.text
+    assert tokenized(cfg, tokenizer, Cache(tmp_path)).to_dict() == first and "damaged" not in caplog.text

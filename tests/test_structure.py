@@ -124,6 +124,16 @@ def test_the_documented_layers_hold():
     assert upward == [], f"imports that go up a layer of {ARCHITECTURE}"
 
 
+def test_the_cache_root_is_read_in_one_place():
+    """Only oplora/cache.py reads $OPLORA_CACHE: every other module takes a `Cache` (or its default)."""
+    def reads(path: Path) -> bool:
+        return any(isinstance(node, ast.Constant) and node.value == "OPLORA_CACHE"
+                   for node in ast.walk(ast.parse(path.read_text())))
+
+    readers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "cache.py" and reads(p))
+    assert readers == []
+
+
 def test_gpu_or_cpu_is_decided_in_one_place():
     """Only oplora/device.py asks torch whether there is a GPU: every step, stage and method takes its answer."""
     askers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")

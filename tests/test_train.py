@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from helpers import compose, load, logits, rel
 from oplora import tracking
+from oplora.cache import Cache
+from oplora.data import content_key
 from oplora.train import train
 from wandb_log import read_run
 
@@ -118,6 +120,18 @@ def test_finished_run_is_skipped_unless_forced_or_changed(data_files, calibratio
     assert (out / "run.json").stat().st_mtime_ns != stamp
     changed = train(compose(*args, "train.lr=1e-3"))
     assert json.loads((changed / "run.json").read_text())["config"]["train"]["lr"] == 1e-3
+
+
+def test_cache_dir_holds_what_the_run_computes(data_files, calibration_file, tmp_path):
+    """`cache_dir` moves every cache a run computes (oplora.cache): LoRA-Null's null spaces, the tokenized data and
+    datasets' own cache of the local data file; none of it lands in the default cache."""
+    records = data_files["metamath100k"].read_text().splitlines()
+    unique = tmp_path / "data.jsonl"  # content of its own: its datasets cache is this run's alone
+    unique.write_text("\n".join([*records, records[0].replace("What is", f"In {tmp_path.name}, what is")]) + "\n")
+    train(compose(*overrides({"metamath100k": unique}, calibration_file, tmp_path / "run", "lora_null", "tiny-qwen2"),
+                  f"cache_dir={tmp_path / 'cache'}"))
+    assert {"calibration", "data", "datasets"} <= {p.name for p in (tmp_path / "cache").iterdir()}
+    assert not (Cache.default().datasets / content_key(str(unique))[:16]).exists()
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(data_files, calibration_file, tmp_path):

@@ -13,6 +13,7 @@ from test_train import overrides
 from transformers import AutoTokenizer
 
 from helpers import compose
+from oplora.cache import Cache
 from oplora.data import tokenized
 from oplora.evaluation.cell import evaluate
 from oplora.pipeline import diagnose_step, run
@@ -116,10 +117,10 @@ def test_data_changed_in_place_retrains_and_retokenizes(data_files, calibration_
     train(compose(*args))
     assert json.loads((out / "run.json").read_text())["config_hash"] != first
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
-    changed = tokenized(compose(*args).data, tokenizer, tmp_path / "cache")
+    changed = tokenized(compose(*args).data, tokenizer, Cache(tmp_path / "cache"))
     data.write_text(text)
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert tokenized(compose(*args).data, tokenizer, tmp_path / "cache")["input_ids"] != changed["input_ids"]
+    assert tokenized(compose(*args).data, tokenizer, Cache(tmp_path / "cache"))["input_ids"] != changed["input_ids"]
 
 
 def test_stale_corrupt_and_reevaluated_results_in_the_table(grid):

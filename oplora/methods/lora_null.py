@@ -1,7 +1,7 @@
 """LoRA-Null: A, B from W projected onto the null space of calibration activations.
 
 U_null holds the eigenvectors of the r smallest eigenvalues of C = Σ XᵀX (n×r; `calibration.null_spaces`,
-run on the GPU when there is one and cached on disk next to the SVD cache). The top-r SVD of
+run on the GPU when there is one and cached in the cache's calibration/, oplora.cache). The top-r SVD of
 W_null = W U_null U_nullᵀ comes from the small m×r matrix W U_null = P Σ Qᵀ: W_null = P Σ (U_null Q)ᵀ.
 A, B are set from it as PiSSA does from W and the base becomes W − s·B A. v1 trains A and B,
 v2 freezes A.
@@ -62,7 +62,7 @@ class LoRANull(Method):
         model.to(resolve_device())  # the GPU when there is one: the training device
         try:
             nulls = calibration.null_spaces(model, {n: layer.base_layer for n, layer in layers.items()}, tokenizer,
-                                            options.calibration, settings.r, svd.dir.parent)
+                                            options.calibration, settings.r, svd.cache.calibration)
         finally:
             model.to(home)
         for name, layer in layers.items():
