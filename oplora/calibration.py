@@ -33,10 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from oplora.io import atomic_file, atomic_write_text
-from oplora.record import content_hash
+from oplora.io import atomic_file, atomic_write_text, content_hash, tensor_checksums
 from oplora.resources import is_hub_id, resolve
-from oplora.svd import tensor_checksums
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ Compute nodes often have no internet: after fetch, the later steps (and every SL
 HF_HUB_OFFLINE / HF_DATASETS_OFFLINE on, from the caches. `needs` lists what one experiment's grid uses: the
 base model (its safetensors, config and tokenizer files: never the duplicate .bin weights), the training data,
 the data of every lm_eval task of the columns (through lm_eval's own task loading), the math stage's hub data
-sets, MBPP+ (evalplus's release file) and, when LoRA-Null is in the grid, its calibration corpus. Each item is
-looked up offline first, so a second fetch downloads nothing; offline, the missing items are named with their
-hub ids. A gated model without a token fails at once, naming the login.
+sets, MBPP+ (evalplus's release file) and what the grid's methods read from the hub (`Method.downloads`: LoRA-Null's
+calibration corpus). Each item is looked up offline first, so a second fetch downloads nothing; offline, the missing
+items are named with their hub ids. A gated model without a token fails at once, naming the login.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from oplora.artifacts import ArtifactUnavailable
 from oplora.cache import Cache
 from oplora.config import trains
+from oplora.methods import adapter_settings, get_method
 from oplora.record import as_dict
 from oplora.resources import OFFLINE_ENV, PREFIX, hub_offline, is_hub_id, resolve
 
@@ -134,7 +135,7 @@ def mbpp_plus_item(columns: tuple[str, ...]) -> Item:
 
 def needs(cfg: DictConfig, cells: dict) -> list[Item]:
     """Everything the experiment's grid downloads, each read by the function its stage reads it with."""
-    from oplora import calibration, data
+    from oplora import data
     from oplora.evaluation import math_eval
 
     items = [model_item(cfg.model.path)] if is_hub_id(cfg.model.path) else []
@@ -157,11 +158,9 @@ def needs(cfg: DictConfig, cells: dict) -> list[Item]:
             items.append(Item(f"KL prompts {task}", path, lambda path=path: resolve(path), labels("kl", task)))
     if any(c["stage"] == "evalplus" and c["task"] == "mbpp" for c in columns) and not cfg.eval.evalplus.dataset_file:
         items.append(mbpp_plus_item(labels("evalplus", "mbpp")))
-    corpus = calibration.CalibrationSettings(**as_dict(cfg.calibration))
-    if corpus.source and is_hub_id(corpus.source) and any(
-            trains(c.method) and c.method.name == "lora_null" for c in cells.values()):
-        items.append(Item("LoRA-Null calibration corpus", corpus.source, lambda: calibration.read_documents(corpus)))
-    return items
+    downloads = {(d.what, d.hub_id): d for c in cells.values() if trains(c.method)
+                 for s in [adapter_settings(c)] for d in get_method(s.method).downloads(s)}  # one per item, not cell
+    return items + [Item(d.what, d.hub_id, d.load) for d in downloads.values()]
 
 
 def fetch(cfg: DictConfig, cells: dict) -> bool:

@@ -28,7 +28,16 @@ def grid(cfg: DictConfig, overrides: list[str]) -> dict[Cell, DictConfig]:
     cells += [Cell("base", cfg.pipeline.seeds[0])] if cfg.pipeline.base else []
     configs = {cell: compose([*overrides, f"method={cell.method}", f"seed={cell.seed}"]) for cell in cells}
     check_run_directories(configs)
+    check_compare_to(cfg.pipeline.compare_to, configs)
     return configs
+
+
+def check_compare_to(label: str | None, cells: dict[Cell, DictConfig]) -> None:
+    """`pipeline.compare_to` is the label of a method config of the grid, or null (no paired differences)."""
+    labels = list(dict.fromkeys(c.method.label for c in cells.values()))
+    if label is not None and label not in labels:
+        raise ValueError(f"pipeline.compare_to={label!r} is no method of this grid (it names a method config's "
+                         f"label); valid: {', '.join(labels)}, or null for no paired differences")
 
 
 def check_run_directories(cells: dict[Cell, DictConfig]) -> None:

@@ -20,6 +20,14 @@ def content_hash(content) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def tensor_checksums(tensors: dict) -> dict[str, str]:
+    """{name: xxh3-128 of the tensor's bytes}: stored with cached tensors and verified on every read."""
+    import torch
+
+    return {name: xxhash.xxh3_128_hexdigest(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+            for name, t in sorted(tensors.items())}
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,7 +37,7 @@ from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
 from oplora.io import atomic_write_text, content_hash, read_json
 from oplora.launch import step_command, submit_pipeline
-from oplora.methods import get_method
+from oplora.methods import adapter_settings, get_method
 from oplora.models import LazyWeights, weight_files, weights_digest
 from oplora.record import cell_hash
 from oplora.report import collect
@@ -45,7 +45,7 @@ from oplora.resources import resolve
 from oplora.results import ResultsDir
 from oplora.rundir import RunDir
 from oplora.svd import SVDCache, build
-from oplora.train import adapter_settings, finished, train
+from oplora.train import finished, train
 
 log = logging.getLogger("oplora.pipeline")
 REPORT = "oplora-report: "

@@ -22,17 +22,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from oplora.config import CONFIG_DIR
 from oplora.io import atomic_write_text
+from oplora.methods.base import IDENTITY, shared_config
 
 EXPERIMENTS = ("table2", "table3", "table4", "table5", "table6", "table7")
 SOURCE = re.compile(r"\s#\s*(?P<kind>paper|reference|ours):\s*(?P<text>.+)$")
 KEY = re.compile(r"^(?P<indent> *)(?:- override /(?P<group>[\w-]+)|(?P<key>[\w-]+)):")
 COLUMN = re.compile(r"^ *- \{label: (?P<label>[^,]+),")
 # names, and how a run is organised rather than what it computes
-NOT_SETTINGS = {"name", "label", "display", "color", "module", "trained", "sandbox", "eval.lm_eval.include_path",
+NOT_SETTINGS = {*IDENTITY, "sandbox", "eval.lm_eval.include_path",
                 "model.trust_remote_code", "calibration.field", "data.split", "eval.lm_eval.allow_code_execution",
                 "eval.lm_eval.batch_size", "eval.lm_eval.cpu_batch_size", "eval.math.batch_size", "train.save_steps",
                 "train.save_total_limit", "train.logging_steps"}
-SHARED_TOP_LEVEL = ("svd_mode", "calibration")
+SHARED_TOP_LEVEL = ("svd_mode", *shared_config())  # listed once, not under each method that reads them
 
 
 def sources(path: Path, prefix: str = "") -> dict[str, str]:
@@ -128,7 +129,7 @@ def method_rows() -> list[tuple[str, str, str]]:
         found = sources(Path(CONFIG_DIR) / "method" / f"{method}.yaml", f"{method}.")
         options = leaves(OmegaConf.to_container(compose(EXPERIMENTS[0], method)[0].method, resolve=False), method)
         rows += [(key, show(value), show(source_of(found, key))) for key, value in options.items()
-                 if not key.endswith(".calibration")]
+                 if key.split(".", 1)[1] not in shared_config()]
     return rows
 
 

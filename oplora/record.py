@@ -13,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from oplora.config import trains
 from oplora.data import content_key
 from oplora.io import content_hash
+from oplora.methods.base import PRESENTATION, method_of, shared_config
 
-# Keys that decide where or how a run is reported, or what is done after training, not what it trains
-# (`calibration` reaches the hash through lora_null's method.calibration).
-NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra", "eval", "launcher", "pipeline",
-              "calibration", "method.display", "method.color")
+# Keys that decide where or how a run is reported, or what is done after training, not what it trains; besides
+# them, how a method is shown (methods.base.PRESENTATION) and the top-level blocks that method configs read
+# (Method.shared_config: they reach the hash through the method config)
+NOT_HASHED = ("output_dir", "force", "cache_dir", "wandb", "hydra", "eval", "launcher", "pipeline")
 PACKAGES = ("torch", "transformers", "peft", "datasets", "deepspeed", "lm_eval", "evalplus", "hydra-core", "oplora")
 
 
@@ -29,9 +30,11 @@ def as_dict(cfg: DictConfig) -> dict:
 def config_hash(cfg: DictConfig) -> str:
     """The hash of what training computes: every key but those in NOT_HASHED, and the content of a local
     training data file (a file changed in place retrains)."""
+    if trains(cfg.method):
+        method_of(cfg.method)  # a method from outside registers itself, and what it reads (Method.shared_config)
     content = as_dict(cfg)
     content["data_content"] = content_key(cfg.data.path)
-    for key in NOT_HASHED:
+    for key in (*NOT_HASHED, *shared_config(), *(f"method.{k}" for k in PRESENTATION)):
         *parents, last = key.split(".")
         node = content
         for parent in parents:

@@ -239,13 +239,18 @@ def write(cfg: DictConfig, cells: dict, summary: Summary, out: ResultsDir) -> No
                                                  "paper_table": paper, **provenance()}, indent=2))
 
 
+def reference_row(compare_to: str | None, methods: dict) -> str | None:
+    """The row (display name) whose method config's label is `pipeline.compare_to`."""
+    return next((name for name, m in methods.items() if m.label == compare_to), None)
+
+
 def write_paired(cfg: DictConfig, cells: dict, methods: dict, out: ResultsDir, title: str) -> None:
     """Each method's paired difference to `pipeline.compare_to` (and that method's to the base row), with a
     t-interval over seeds and a bootstrap interval over questions conditional on the seeds (oplora.paired):
     `paired.json`, `paired.md`, printed."""
-    names = {m.name: name for name, m in methods.items()}
-    reference, base = names.get(cfg.pipeline.compare_to), next((n for n, m in methods.items() if not trains(m)), None)
-    if reference is None:
+    reference = reference_row(cfg.pipeline.compare_to, methods)
+    base = next((name for name, m in methods.items() if not trains(m)), None)
+    if reference is None:  # compare_to null (grid() refuses a label that names no cell)
         return
     pairs = paired.compare(cfg, cells, reference, base)
     text = paired.to_markdown(pairs, [c.label for c in cfg.eval.columns],

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from oplora.cache import Cache
 from oplora.device import resolve_device
-from oplora.io import atomic_file
+from oplora.io import atomic_file, tensor_checksums
 
 log = logging.getLogger(__name__)
 MODES = ("exact", "randomized", "refined", "lowrank")
@@ -145,11 +145,6 @@ def matrix_key(W: torch.Tensor) -> str:
     data = W.detach().contiguous().cpu().view(torch.uint8).numpy()
     digest = xxhash.xxh3_128_hexdigest(data)  # hashes the buffer in place, no copy
     return f"{W.shape[0]}x{W.shape[1]}-{str(W.dtype).removeprefix('torch.')}-{digest}"
-
-
-def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {name: xxhash.xxh3_128_hexdigest(t.detach().contiguous().cpu().view(torch.uint8).numpy())
-            for name, t in sorted(tensors.items())}
 
 
 def triple_residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> float:

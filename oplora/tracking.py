@@ -9,8 +9,9 @@ turns W&B off for the run. A batch job's `auto` is `offline` (`job_mode`: comput
 SLURM launcher writes the mode into each job script). W&B never fails a run: when a run cannot start online it is
 logged offline (`sync` uploads it later), and when it cannot start at all the run goes on without W&B.
 
-Every run carries the config fields of FIELDS (beside the resolved config), so W&B's own grouping by
-`method_label` gives per-method means and error bars over `seed`. Metric keys:
+Every run carries the config fields of FIELDS (a cell's run also its method's own, `method_<option>`, e.g. OPLoRA's
+`method_k`: `Method.summary`) beside the resolved config, so W&B's own grouping by `method_label` gives per-method
+means and error bars over `seed`. Metric keys:
 - train runs: `train/loss`, `train/global_step` (the HF Trainer's callback);
 - eval runs: `eval/<column>`, `eval/finetune_avg`, `eval/forget_avg`, `eval/avg`, `rho/k<k>` (summary), and one
   history row per k with `rho_curve/k`, `rho_curve/rho` (figure 2a);
@@ -36,12 +37,12 @@ from omegaconf import DictConfig
 
 from oplora.config import CONFIG_DIR, trains
 from oplora.io import content_hash
+from oplora.methods import adapter_settings, get_method
 from oplora.record import as_dict, config_hash, git_commit
 from oplora.rundir import RunDir
 
 log = logging.getLogger("oplora.tracking")
-FIELDS = ("experiment", "model_name", "data_name", "method_label", "method_k", "lora_r", "seed", "git_commit",
-          "config_hash")
+FIELDS = ("experiment", "model_name", "data_name", "method_label", "lora_r", "seed", "git_commit", "config_hash")
 MODES = ("auto", "online", "offline", "disabled")
 ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names for the two modes
 
@@ -98,17 +99,25 @@ def run_id(cfg: DictConfig, job_type: str) -> str:
     return f"{job_type}-{key[:16]}"
 
 
+def method_fields(cfg: DictConfig) -> dict:
+    """A trained cell's method's own fields (`Method.summary`: `method_<option>`, e.g. OPLoRA's `method_k`)."""
+    if not trains(cfg.method):
+        return {}
+    settings = adapter_settings(cfg)
+    return get_method(settings.method).summary(settings)
+
+
 def run_config(cfg: DictConfig, job_type: str) -> dict:
-    """The resolved config plus FIELDS; the collect run has no method or seed of its own."""
+    """The resolved config plus FIELDS and the method's fields; the collect run has no method or seed of its own."""
     if not is_cell(job_type):
         config = {"pipeline": as_dict(cfg.pipeline), "eval": as_dict(cfg.eval)}
         return {**config, **dict.fromkeys(FIELDS), "experiment": cfg.experiment_name, "model_name": cfg.model.name,
                 "data_name": cfg.data.name, "git_commit": git_commit(), "config_hash": content_hash(config)}
     trained = trains(cfg.method)
     return {**as_dict(cfg), "experiment": cfg.experiment_name, "model_name": cfg.model.name,
-            "data_name": cfg.data.name, "method_label": cfg.method.label, "method_k": cfg.method.get("k"),
+            "data_name": cfg.data.name, "method_label": cfg.method.label,
             "lora_r": cfg.train.lora_r if trained else None, "seed": cfg.seed, "git_commit": git_commit(),
-            "config_hash": config_hash(cfg)}
+            "config_hash": config_hash(cfg), **method_fields(cfg)}
 
 
 def start(cfg: DictConfig, job_type: str, directory: str | Path):
@@ -163,7 +172,7 @@ def finish_train(cfg: DictConfig, adapter: Path) -> None:
 
     run = wandb.run
     try:
-        metadata = {k: run.config[k] for k in FIELDS}
+        metadata = {k: run.config[k] for k in FIELDS} | method_fields(cfg)
         artifact = wandb.Artifact(artifact_name("adapter", cfg), type="adapter", metadata=metadata)
         artifact.add_reference(adapter.resolve().as_uri())
         run.log_artifact(artifact)
@@ -192,7 +201,7 @@ def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, fl
             use(run, artifact_name("adapter", cfg))
         cell = RunDir(cfg.output_dir)
         artifact = wandb.Artifact(artifact_name("results", cfg), type="results",
-                                  metadata={k: run.config[k] for k in FIELDS})
+                                  metadata={k: run.config[k] for k in FIELDS} | method_fields(cfg))
         for path in files:
             artifact.add_file(str(path), name=str(path.relative_to(cell.root)))
         run.log_artifact(artifact)

@@ -12,7 +12,6 @@ finished run unless `force=true`.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from oplora.config import CONFIG_DIR, trains
 from oplora.device import check_gpu, compute_dtype, gpu_present
 from oplora.export import export_adapter, save_initial
 from oplora.io import atomic_write_text, file_sha256, read_json
-from oplora.methods import AdapterSettings, build, get_method
+from oplora.methods import AdapterSettings, adapter_settings, build, get_method
 from oplora.methods.base import check_rank, target_shapes
 from oplora.models import weight_files, weights_digest
 from oplora.record import as_dict, config_hash, provenance
@@ -57,22 +56,6 @@ from oplora.rundir import RunDir
 from oplora.svd import MODES, SVDCache
 
 log = logging.getLogger("oplora.train")
-
-
-IDENTITY = ("name", "label", "display", "color", "module", "trained")  # a method config's keys that are not options
-
-
-def adapter_settings(cfg: DictConfig) -> AdapterSettings:
-    """The adapter a cell trains: the train group's rank, alpha, dropout and the method config's own options."""
-    method = as_dict(cfg.method)
-    if method.get("module"):  # a method that lives outside oplora.methods registers itself on import
-        importlib.import_module(method["module"])
-    settings = AdapterSettings(
-        method=method["name"], r=cfg.train.lora_r, alpha=cfg.train.lora_alpha, dropout=cfg.train.lora_dropout,
-        target_modules=tuple(cfg.model.target_modules),
-        options={k: v for k, v in method.items() if k not in IDENTITY})
-    get_method(settings.method).options(settings)  # unknown names and settings fail here, before anything loads
-    return settings
 
 
 CHOICES = {

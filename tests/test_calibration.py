@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from helpers import load, settings
+from oplora.io import tensor_checksums
 from oplora.methods import build
 from oplora.methods.base import ADAPTER, lora_layers
-from oplora.svd import SVDCache, tensor_checksums
+from oplora.svd import SVDCache
 
 
 def truncated(path):

@@ -12,9 +12,12 @@ from hydra.errors import ConfigCompositionException
 
 from helpers import compose
 from oplora.config import CONFIG_DIR
+from oplora.grid import grid
+from oplora.methods import adapter_settings
 from oplora.record import config_hash
+from oplora.report import reference_row
 from oplora.rundir import RunDir
-from oplora.train import adapter_settings, check_config, training_arguments
+from oplora.train import check_config, training_arguments
 
 CONFIGS = Path(CONFIG_DIR)
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +140,16 @@ def test_a_normal_install_carries_the_configs_and_the_paper_numbers(tmp_path):
     assert out.returncode == 0, out.stderr
     config_dir, lora_avg = out.stdout.split()
     assert config_dir == str(tmp_path / "site" / "oplora" / "configs") and float(lora_avg) == 39.88
+
+
+def test_compare_to_is_a_method_configs_label():
+    """pipeline.compare_to matches a method config's label (oplora16), not the method's name (oplora, shared by
+    OPLoRA-16 and -128); a value that names no cell of the grid is refused, listing the labels."""
+    overrides = ["pipeline.methods=[lora,oplora16]"]
+    cells = grid(compose(*overrides, "pipeline.compare_to=oplora16"), overrides)
+    methods = {c.method.display: c.method for c in cells.values()}
+    assert reference_row("oplora16", methods) == "OPLoRA-16" and reference_row(None, methods) is None
+    with pytest.raises(ValueError, match=r"pipeline.compare_to='oplora' is no method of this grid .*valid: lora, "
+                                         r"oplora16, base, or null"):
+        grid(compose(*overrides, "pipeline.compare_to=oplora"), overrides)
+    grid(compose(*overrides, "pipeline.compare_to=null"), overrides)

@@ -53,7 +53,8 @@ def test_a_method_from_outside_runs_through_the_pipeline(data_files, tasks, tmp_
                  "train.micro_batch_size=4", "train.lora_r=8", "train.lora_alpha=16", "train.lr=1e-2",
                  "experiment_name=seventh", f"output_dir={tmp_path}/runs/${{method.label}}/seed${{seed}}",
                  f"pipeline.results_dir={tmp_path}/tables", "pipeline.methods=[reversed]", "pipeline.rho_ks=[8]",
-                 "wandb=disabled", f"cache_dir={tmp_path}/cache", *eval_overrides(tasks, "eval.limit=4")]
+                 "pipeline.compare_to=reversed", "wandb=disabled", f"cache_dir={tmp_path}/cache",
+                 *eval_overrides(tasks, "eval.limit=4")]
     report = run(compose(*overrides), overrides)
     assert report["failed"] == {}, summary(report)
     assert report["ran"]["train"] == report["ran"]["diagnose"] == ["reversed/seed42"]

@@ -97,7 +97,8 @@ def test_each_gpu_step_in_its_own_process_and_training_on_two(data_files, tasks,
     torchrun (gloo here), the effective batch unchanged, rank 0 calibrating while the other rank waits and then
     reads the null spaces it cached."""
     overrides = [o.replace("train.micro_batch_size=4", "train.micro_batch_size=2") for o in grid_overrides(
-        data_files, tasks, tmp_path, "wandb=disabled", "pipeline.methods=[lora_null]", "deepspeed=zero2",
+        data_files, tasks, tmp_path, "wandb=disabled", "pipeline.methods=[lora_null]", "pipeline.compare_to=null",
+        "deepspeed=zero2",
         f"calibration.source={calibration_file}", "calibration.n_samples=4", "calibration.seq_len=32")]
     report = run(compose(*overrides, "launcher.isolate=true", "launcher.gpus=2"), overrides)
     assert report["failed"] == {}, summary(report)

@@ -16,14 +16,15 @@ def imports(package: Path = PACKAGE) -> dict[str, set[str]]:
 
     Importing `a.b.c` first runs the package `a.b` (its `__init__`), so the packages above an imported module count as
     imported too, except the importer's own (they are already running when its code runs). A package whose
-    `__init__` calls `discover` (oplora.registry: a package scan) imports each of its public modules."""
+    `__init__` calls `discover` (oplora.registry: a package scan) imports each of its public modules. Imports under
+    `if TYPE_CHECKING:` never run and do not count."""
     root = package.parent
     modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
                for p in package.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         tree, found = ast.parse(path.read_text()), set()
-        for node in ast.walk(tree):
+        for node in ast.walk(strip_type_checking(tree)):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
                 found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                           for a in node.names}
@@ -34,6 +35,17 @@ def imports(package: Path = PACKAGE) -> dict[str, set[str]]:
         found |= {parent for m in found for parent in ancestors(m)}
         graph[name] = {m for m in found if m in modules and m != name and m not in ancestors(name)}
     return graph
+
+
+def strip_type_checking(tree: ast.Module) -> ast.Module:
+    """The module without its `if TYPE_CHECKING:` blocks: imports for annotations only, never run."""
+    for node in ast.walk(tree):
+        for field in ("body", "orelse"):
+            statements = getattr(node, field, None)
+            if isinstance(statements, list):
+                setattr(node, field, [s for s in statements if not (isinstance(s, ast.If) and
+                                                                     getattr(s.test, "id", "") == "TYPE_CHECKING")])
+    return tree
 
 
 def ancestors(module: str) -> list[str]:

@@ -129,7 +129,7 @@ def test_every_run_carries_the_documented_fields(two_seeds):
     for run in cell_runs(runs, "train") + cell_runs(runs, "eval"):
         fields = run["config"]
         assert run["name"].endswith(f"/{fields['method_label']}/seed{fields['seed']}")
-        assert fields["method_k"] == (16 if fields["method_label"] == "oplora16" else None)
+        assert fields.get("method_k") == (16 if fields["method_label"] == "oplora16" else None)  # Method.summary
         assert fields["lora_r"] == (None if fields["method_label"] == "base" else 8)
     # W&B groups by config field: eval runs per method_label carry both seeds
     groups = {}

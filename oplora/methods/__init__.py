@@ -5,9 +5,9 @@ in configs/method/. A method living outside this package is loaded by naming its
 (`module: my_package.my_method`).
 """
 
-from oplora.methods.base import AdapterSettings, Method, build, get_method, methods, register
+from oplora.methods.base import AdapterSettings, Method, adapter_settings, build, get_method, methods, register
 from oplora.registry import discover
 
 discover(__name__, __path__)
 
-__all__ = ["AdapterSettings", "Method", "build", "get_method", "methods", "register"]
+__all__ = ["AdapterSettings", "Method", "adapter_settings", "build", "get_method", "methods", "register"]

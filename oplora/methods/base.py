@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from oplora.registry import Registry
-from oplora.svd import SVDCache
+
+if TYPE_CHECKING:  # passed in, never imported: the SVD step (oplora.svd) asks the methods what they need
+    from oplora.svd import SVDCache
 
 PAPER_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj", "o_proj")
 ADAPTER = "default"  # PEFT's adapter name
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before the wrapped model's module names
+# A method config's keys that are not its options: which method, the config's own name (run directories, W&B, and
+# pipeline.compare_to), how tables and figures show it, where it lives outside oplora.methods, whether it trains
+IDENTITY = ("name", "label", "display", "color", "module", "trained")
+PRESENTATION = ("display", "color")  # of those, how it is shown only: never part of what a cell computes
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,15 @@ class AdapterSettings:
 
 
 @dataclass(frozen=True)
+class Download:
+    """Something a method reads from the hub, fetched before any step runs (oplora.fetch)."""
+
+    what: str  # e.g. "LoRA-Null calibration corpus"
+    hub_id: str
+    load: Callable[[], object]  # reads it as the method does (and downloads it, when online)
+
+
+@dataclass(frozen=True)
 class NoOptions:
     """A method without settings of its own."""
 
@@ -51,6 +68,9 @@ class Method:
     name: str = ""
     mutates_base: bool = False  # True when the frozen base weight becomes W_res = W - s·B A
     Options: type = NoOptions
+    # top-level config blocks its config reads by interpolation (`calibration: ${calibration}`): they reach a cell's
+    # hash through its method config only, so changing one retrains only the cells of methods that read it
+    shared_config: tuple[str, ...] = ()
 
     def options(self, settings: AdapterSettings):
         """The method's own settings, typed; unknown keys are refused with the valid ones."""
@@ -60,6 +80,16 @@ class Method:
             raise ValueError(f"method {self.name!r} has no setting(s) {unknown}; "
                              f"its settings are: {', '.join(valid) or 'none'}")
         return self.Options(**settings.options)
+
+    def summary(self, settings: AdapterSettings) -> dict[str, Any]:
+        """The fields its W&B runs carry (oplora.tracking): each option with a plain value, as `method_<option>`."""
+        options = self.options(settings)
+        return {f"method_{f.name}": value for f in fields(options)
+                if isinstance(value := getattr(options, f.name), (bool, int, float, str, type(None)))}
+
+    def downloads(self, settings: AdapterSettings) -> list[Download]:
+        """What it reads from the hub besides the model and the data (fetched by the fetch step)."""
+        return []
 
     def check(self, settings: AdapterSettings, shapes: dict[str, tuple[int, int]]) -> None:
         """Refuse impossible settings before any compute. `shapes` maps module name to (m, n)."""
@@ -99,6 +129,30 @@ def methods() -> list[str]:
 
 def get_method(name: str) -> Method:
     return METHODS.get(name)()
+
+
+def method_of(method_cfg: DictConfig) -> Method:
+    """The method a method config names; a method outside oplora.methods registers itself when its `module` is
+    imported."""
+    if method_cfg.get("module"):
+        importlib.import_module(method_cfg.module)
+    return get_method(method_cfg.name)
+
+
+def shared_config() -> list[str]:
+    """Every top-level config block a registered method's config reads (`Method.shared_config`)."""
+    return sorted({block for cls in METHODS.classes.values() for block in cls.shared_config})
+
+
+def adapter_settings(cfg: DictConfig) -> AdapterSettings:
+    """The adapter a cell trains: the train group's rank, alpha, dropout and the method config's own options."""
+    method = method_of(cfg.method)
+    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in IDENTITY}
+    settings = AdapterSettings(method=method.name, r=cfg.train.lora_r, alpha=cfg.train.lora_alpha,
+                               dropout=cfg.train.lora_dropout, target_modules=tuple(cfg.model.target_modules),
+                               options=options)
+    method.options(settings)  # unknown settings fail here, before anything loads
+    return settings
 
 
 def target_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -150,12 +204,7 @@ def absorb_svd_part(layer: LoraLayer, U: torch.Tensor, S: torch.Tensor, V: torch
         weight.copy_((weight.double() - part.to(weight.device)).to(weight.dtype))
 
 
-def build(
-    model: torch.nn.Module,
-    settings: AdapterSettings,
-    svd: SVDCache | None = None,
-    tokenizer=None,
-) -> PeftModel:
+def build(model: torch.nn.Module, settings: AdapterSettings, svd: SVDCache, tokenizer=None) -> PeftModel:
     """Wrap `model` with the method's PEFT LoRA adapter, initialised and ready to train."""
     method = get_method(settings.method)
     method.options(settings)
@@ -171,6 +220,6 @@ def build(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    method.initialize(peft_model, settings, svd or SVDCache.default(), tokenizer)
+    method.initialize(peft_model, settings, svd, tokenizer)
     return peft_model
 

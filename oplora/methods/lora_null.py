@@ -14,7 +14,8 @@ import torch
 from oplora import calibration
 from oplora.calibration import CalibrationSettings
 from oplora.device import resolve_device
-from oplora.methods.base import ADAPTER, Method, absorb_svd_part, lora_layers, register
+from oplora.methods.base import ADAPTER, Download, Method, absorb_svd_part, lora_layers, register
+from oplora.resources import is_hub_id
 
 VERSIONS = ("v1", "v2")
 
@@ -41,6 +42,13 @@ class LoRANull(Method):
     name = "lora_null"
     mutates_base = True
     Options = Options
+    shared_config = ("calibration",)  # its config reads the top-level calibration block
+
+    def downloads(self, settings):
+        corpus = self.options(settings).calibration
+        if not (corpus.source and is_hub_id(corpus.source)):
+            return []
+        return [Download("LoRA-Null calibration corpus", corpus.source, lambda: calibration.read_documents(corpus))]
 
     def check(self, settings, shapes):
         options = self.options(settings)
