@@ -4,12 +4,18 @@ import subprocess
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oplora.config import CONFIG_DIR
 from oplora.config import compose as compose_overrides
 from oplora.methods import AdapterSettings, build
+from oplora.methods.base import IDENTITY, shared_config
 from oplora.slurm import available
 from oplora.svd import SVDCache
+
+# A method config's settings that do not fit the tiny models (hidden size 64, v_proj 32×64), resized for them
+TINY = {"oplora128": {"k": 24}}
 
 
 def load(directory, dtype=torch.float32):
@@ -26,6 +32,27 @@ def settings(method: str, calibration_file=None, **overrides) -> AdapterSettings
     for key, value in overrides.items():
         (common if key in AdapterSettings.__dataclass_fields__ else options)[key] = value
     return AdapterSettings(**common, options=options)
+
+
+def method_configs() -> dict[str, tuple[str, dict]]:
+    """{config: (method name, options)} of every method config that trains (configs/method/*.yaml), the options
+    resized for the tiny models (TINY) and without the shared blocks a method reads (LoRA-Null's calibration corpus
+    comes from `settings`): the cases of the method tests, so a new config or method is tested without a test edit."""
+    found = {}
+    for path in sorted((Path(CONFIG_DIR) / "method").glob("*.yaml")):
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if config.get("trained", True):
+            options = {k: v for k, v in config.items() if k not in IDENTITY and k not in shared_config()}
+            found[path.stem] = (config["name"], {**options, **TINY.get(path.stem, {})})
+    return found
+
+
+def one_config_per_method() -> list[str]:
+    """The first method config (by file name) of each method: the cases of the slower per-method tests (training)."""
+    first = {}
+    for config, (name, _) in method_configs().items():
+        first.setdefault(name, config)
+    return list(first.values())
 
 
 def adapt(directory, method_settings: AdapterSettings, svd: SVDCache, dtype=torch.float32):

@@ -38,7 +38,8 @@ COLUMNS = {  # the paper's table headers: fine-tuning columns, forgetting column
 
 def test_the_paper_grid_is_configured():
     assert set(PAPER) <= set(EXPERIMENTS)
-    assert METHODS == ["lora", "lora_null", "milora", "oplora128", "oplora16", "pissa"]
+    assert list(compose().pipeline.methods) == ["lora", "pissa", "milora", "lora_null", "oplora16", "oplora128"]
+    assert set(compose().pipeline.methods) <= set(METHODS)  # every method config resolves below, these and any other
     assert {"llama2-7b", "qwen2.5-7b", "smollm2-135m", "tiny-llama", "tiny-qwen2"} <= set(MODELS)
 
 

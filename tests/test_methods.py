@@ -5,21 +5,21 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.nn.utils import parametrize
 
-from helpers import adapt, load, logits, rel, settings, train
+from helpers import adapt, load, logits, method_configs, rel, settings, train
 from oplora.diagnose import diagnose, model_deltas
 from oplora.methods import get_method, methods
 from oplora.methods.base import ADAPTER, lora_layers
 from oplora.methods.oplora import per_token_delta
 
-ALL = [("lora", {}), ("pissa", {}), ("milora", {}), ("lora_null", {}), ("lora_null", {"null_version": "v2"}),
-       ("oplora", {"k": 8}), ("oplora", {"k": 16})]
-IDS = ["lora", "pissa", "milora", "lora_null_v1", "lora_null_v2", "oplora8", "oplora16"]
+CASES = {**method_configs(), "lora_null_v2": ("lora_null", {"null_version": "v2"})}  # every method config, and v2
+ALL, IDS = list(CASES.values()), list(CASES)
 
 
-def test_registry_lists_the_five_methods():
-    built_in = [m for m in methods() if type(get_method(m)).__module__.startswith("oplora.methods.")]
-    assert built_in == ["lora", "lora_null", "milora", "oplora", "pissa"]  # (tests may register more)
-    with pytest.raises(ValueError, match="valid methods: lora, lora_null, milora, oplora, pissa"):
+def test_every_method_has_a_config_and_every_config_a_method():
+    built_in = sorted(m for m in methods() if type(get_method(m)).__module__.startswith("oplora.methods."))
+    assert built_in == sorted({name for name, _ in method_configs().values()})  # (tests may register more)
+    assert {"lora", "lora_null", "milora", "oplora", "pissa"} <= set(built_in)
+    with pytest.raises(ValueError, match=f"valid methods: {', '.join(methods())}"):
         get_method("dora")
 
 

@@ -1,8 +1,16 @@
 """A seventh method is one module and one config: registered here, in a test file, it trains, exports, is
-diagnosed and evaluated by the pipeline without a change anywhere else in the project."""
+diagnosed and evaluated by the pipeline without a change anywhere else in the project; added inside oplora/methods/
+(in a copy of the project), the method tests pick it up without an edit."""
 
+import inspect
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +78,47 @@ def test_a_method_from_outside_runs_through_the_pipeline(data_files, tasks, tmp_
     assert list(collected["rows"]) == ["Base", "Reversed LoRA"]
     assert None not in collected["rows"]["Reversed LoRA"].values()
     assert 0 < collected["rho"]["Reversed LoRA"]["8"] <= 1
+
+
+REPO = Path(__file__).resolve().parents[1]
+IN_TREE_MODULE = "\n".join([  # ReversedLoRA above, as a module of oplora/methods/ under a name of its own
+    "from dataclasses import dataclass", "", "import torch", "",
+    "from oplora.methods.base import ADAPTER, Method, lora_layers, register", "", "",
+    inspect.getsource(Options), "", inspect.getsource(ReversedLoRA).replace('"reversed_lora"', '"in_tree_lora"')])
+
+
+def test_a_method_added_in_tree_is_tested_by_the_suite_unedited(tmp_path):
+    """In a copy of the project, one module in oplora/methods/ and one config in configs/method/, nothing else: the
+    package scan registers it, and the unedited method tests collect and pass it (init, vanilla-PEFT export,
+    training; DeepSpeed collected only, for time)."""
+    tree = tmp_path / "tree"
+    for part in ("oplora", "configs", "tests", "results/paper", "pyproject.toml"):
+        source, copy = REPO / part, tree / part
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, copy)
+    (tree / "oplora" / "methods" / "in_tree_lora.py").write_text(IN_TREE_MODULE)
+    (tree / "configs" / "method" / "in_tree_lora.yaml").write_text(
+        "name: in_tree_lora\nlabel: in_tree_lora\ndisplay: In-tree LoRA\ncolor: \"#17becf\"\ninit_scale: 0.02\n")
+    tests = ["tests/test_methods.py", "tests/test_export.py", "tests/test_train.py", "tests/test_config.py"]
+    pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *tests]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    collected = subprocess.run([*pytest, "--collect-only"], cwd=tree, env=env, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert {line for line in collected.stdout.splitlines() if "in_tree_lora" in line} == {
+        "tests/test_methods.py::test_init_logits_equal_base[llama-in_tree_lora]",
+        "tests/test_methods.py::test_init_logits_equal_base[qwen2-in_tree_lora]",
+        "tests/test_export.py::test_vanilla_peft_reproduces_trained_model[llama-in_tree_lora]",
+        "tests/test_export.py::test_vanilla_peft_reproduces_trained_model[qwen2-in_tree_lora]",
+        "tests/test_train.py::test_every_method_trains_and_exports[in_tree_lora]",
+        "tests/test_train.py::test_deepspeed_zero2[in_tree_lora-1]",
+        "tests/test_train.py::test_deepspeed_zero2[in_tree_lora-2]"}
+    wanted = "(in_tree_lora and not deepspeed) or every_method_has"
+    ran = subprocess.run([*pytest, "-rA", "-k", wanted], cwd=tree, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-2000:]
+    passed = set(re.findall(r"^PASSED (\S+)", ran.stdout, flags=re.M))
+    assert {"tests/test_train.py::test_every_method_trains_and_exports[in_tree_lora]",
+            "tests/test_methods.py::test_every_method_has_a_config_and_every_config_a_method"} <= passed
+    assert len([p for p in passed if "in_tree_lora" in p]) == 5, passed
