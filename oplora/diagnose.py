@@ -34,13 +34,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from oplora.io import atomic_write_text
+from oplora.cache import Cache
+from oplora.device import compute_dtype
+from oplora.io import atomic_write_text, content_hash, read_json
 from oplora.methods.base import ADAPTER, PEFT_PREFIX, lora_layers
-from oplora.models import LazyWeights, unreadable
+from oplora.models import LazyWeights, unreadable, weights_digest
+from oplora.record import cell_hash
+from oplora.resources import resolve
+from oplora.rundir import RunDir
 from oplora.svd import MODES, SVDCache
 
 
@@ -181,6 +187,29 @@ def model_deltas(model, original: dict[str, torch.Tensor]) -> dict[str, torch.Te
         return {name: layer.base_layer.weight.double() + layer.get_delta_weight(ADAPTER).double()
                 - original[name].double().to(layer.base_layer.weight.device)
                 for name, layer in lora_layers(model)}
+
+
+def diagnose_step(cfg: DictConfig) -> bool:
+    """ρ_k (and the other diagnostics) of a trained cell's exported adapter against the original weights."""
+    run = RunDir(cfg.output_dir)
+    record = run.trained_record(cell_hash(cfg))
+    if record is None:
+        raise FileNotFoundError(f"{run.root} holds no finished training of this config ({run.record} is missing or "
+                                "records another config): train the cell first")
+    run.check_adapter(record)
+    base = resolve(cfg.model.path)
+    if weights_digest(base) != record["base_digest"]:
+        raise ValueError(f"{base} is not the base model {run.record} was trained on (its weights differ): "
+                         "diagnose the adapter against its own base")
+    key = content_hash({"adapter_sha256": record["adapter_sha256"], "base": record["base_digest"],
+                        "ks": list(cfg.pipeline.rho_ks)})
+    if (read_json(run.diagnose) or {}).get("hash") == key:
+        return False
+    result = diagnose_adapter(base, run.adapter, list(cfg.pipeline.rho_ks), SVDCache(Cache.of(cfg).root),
+                              getattr(torch, compute_dtype(cfg.model)))
+    atomic_write_text(run.diagnose, json.dumps({"hash": key, "adapter_sha256": record["adapter_sha256"], **result},
+                                               indent=2))
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,58 +21,30 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from oplora.cache import Cache
-from oplora.config import CONFIG_DIR, trains
-from oplora.device import check_gpu, compute_dtype, gpu_present
-from oplora.diagnose import diagnose_adapter
-from oplora.evaluation.cell import check_adapter, evaluate
+from oplora.config import CONFIG_DIR
+from oplora.device import check_gpu, gpu_present
+from oplora.diagnose import diagnose_step
+from oplora.evaluation.cell import evaluate
 from oplora.fetch import ColumnsUnavailable, fetch, set_offline
 from oplora.graph import GRAPH, STEPS, Step, blocked_by
 from oplora.grid import Cell, cells_of, command_overrides, grid
-from oplora.io import atomic_write_text, content_hash, read_json
+from oplora.io import atomic_write_text, read_json
 from oplora.launch import step_command, submit_pipeline
-from oplora.methods import adapter_settings, get_method
-from oplora.models import LazyWeights, weight_files, weights_digest
-from oplora.record import cell_hash
 from oplora.report import collect
-from oplora.resources import resolve
 from oplora.results import ResultsDir
 from oplora.rundir import RunDir
-from oplora.svd import SVDCache, build
+from oplora.svd import svd_step
 from oplora.train import finished, train
 
 log = logging.getLogger("oplora.pipeline")
-REPORT = "oplora-report: "
-
-
-def target_weights(cfg: DictConfig) -> LazyWeights:
-    """Every adapted weight matrix of the base model, read one at a time in the dtype training sees."""
-    base = resolve(cfg.model.path)
-    names = [k.removesuffix(".weight") for k in sorted(weight_files(base))
-             if k.endswith(".weight") and k.rsplit(".", 2)[-2] in cfg.model.target_modules]
-    return LazyWeights(base, names, getattr(torch, compute_dtype(cfg.model)))
-
-
-def svd_step(cfg: DictConfig, cells: dict[Cell, DictConfig]) -> bool:
-    """The singular triples every method of the grid and figure 2a need, computed once into the cache; with
-    `pipeline.svd_shards=n`, `pipeline.shard=i` does the layers of shard i (a SLURM array task each)."""
-    settings = [adapter_settings(c) for c in cells.values() if trains(c.method)]
-
-    def needs(shape: tuple[int, int]) -> tuple[int, int]:
-        wanted = [get_method(s.method).svd_needs(s, shape) for s in settings]
-        return max([max(cfg.pipeline.rho_ks), *(t for t, _ in wanted)]), max((b for _, b in wanted), default=0)
-
-    weights = target_weights(cfg)
-    shards = cfg.pipeline.svd_shards
-    shard_list = [cfg.pipeline.shard] if cfg.pipeline.shard is not None else range(shards)
-    svd = SVDCache(Cache.of(cfg).root, mode=cfg.svd_mode)
-    return sum(build(svd, list(weights), weights.__getitem__, needs, shard, shards) for shard in shard_list) > 0
+REPORT_ENV = "OPLORA_STEP_REPORT"  # where a step run in a process of its own writes its report (set by the parent)
 
 
 def train_step(cfg: DictConfig) -> bool:
@@ -82,34 +54,11 @@ def train_step(cfg: DictConfig) -> bool:
     return True
 
 
-def diagnose_step(cfg: DictConfig) -> bool:
-    """ρ_k (and the other diagnostics) of a trained cell's exported adapter against the original weights."""
-    run = RunDir(cfg.output_dir)
-    record = run.trained_record(cell_hash(cfg))
-    if record is None:
-        raise FileNotFoundError(f"{run.root} holds no finished training of this config ({run.record} is missing or "
-                                "records another config): train the cell first")
-    check_adapter(run, record)
-    base = resolve(cfg.model.path)
-    if weights_digest(base) != record["base_digest"]:
-        raise ValueError(f"{base} is not the base model {run.record} was trained on (its weights differ): "
-                         "diagnose the adapter against its own base")
-    key = content_hash({"adapter_sha256": record["adapter_sha256"], "base": record["base_digest"],
-                        "ks": list(cfg.pipeline.rho_ks)})
-    if (read_json(run.diagnose) or {}).get("hash") == key:
-        return False
-    result = diagnose_adapter(base, run.adapter, list(cfg.pipeline.rho_ks), SVDCache(Cache.of(cfg).root),
-                              getattr(torch, compute_dtype(cfg.model)))
-    atomic_write_text(run.diagnose, json.dumps({"hash": key, "adapter_sha256": record["adapter_sha256"], **result},
-                                               indent=2))
-    return True
-
-
 def eval_step(cfg: DictConfig) -> bool:
     return any(ran for _, ran in evaluate(cfg).values())
 
 
-CELL_ACTIONS = {"train": train_step, "diagnose": diagnose_step, "eval": eval_step}
+CELL_ACTIONS = {"train": train_step, "diagnose": diagnose_step, "eval": eval_step}  # each next to its subject
 ONCE_ACTIONS = {"fetch": fetch, "svd": svd_step, "collect": collect}
 
 
@@ -170,16 +119,14 @@ def isolated(cfg: DictConfig, step: Step) -> bool:
 
 def run_isolated(step: Step, cfg: DictConfig, overrides: list[str], index: int, cell: Cell, run: RunDir,
                  report: dict) -> None:
-    """One (cell, step) in its own process (N processes under torchrun for training on N GPUs), its log streamed
-    through; the child records a failure in the run directory, or the parent does when the child died."""
+    """One (cell, step) in its own process (N processes under torchrun for training on N GPUs), its log going straight
+    through; its report comes back in a file named by REPORT_ENV. The child records a failure in the run directory,
+    or the parent does when the child died."""
     argv = step_command(sys.executable, overrides, step, int(cfg.launcher.get("gpus") or 1), str(index))
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    found = None
-    for line in child.stdout:
-        sys.stdout.write(line)
-        if line.startswith(REPORT):
-            found = json.loads(line.removeprefix(REPORT))
-    code = child.wait()
+    with tempfile.TemporaryDirectory(prefix="oplora-step-") as scratch:
+        path = Path(scratch) / "report.json"
+        code = subprocess.run(argv, env={**os.environ, REPORT_ENV: str(path)}).returncode
+        found = read_json(path)
     if found is None or code != 0:
         if step.name not in run.failures():
             run.record_failure(step.name, f"its process exited with code {code}", " ".join(argv))
@@ -233,7 +180,8 @@ def main(cfg: DictConfig) -> None:
     report = run(cfg, overrides)
     if main_rank():
         print(summary(report))
-        print(REPORT + json.dumps(report))  # read by a parent pipeline that ran this step in its own process
+        if os.environ.get(REPORT_ENV):  # a parent pipeline runs this step in a process of its own
+            atomic_write_text(Path(os.environ[REPORT_ENV]), json.dumps(report))
     if report["failed"]:
         sys.exit(1)
 

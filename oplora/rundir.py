@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from oplora.io import CorruptFile, atomic_write_text, read_json, remove_stale_temporaries
+from oplora.io import CorruptFile, atomic_write_text, file_sha256, read_json, remove_stale_temporaries
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,15 @@ class RunDir:
     def remove_stale_temporaries(self) -> list[Path]:
         """What killed writers left behind here (`.adapter.tmpPID`, `.merged.tmpPID`, `.run.json.tmpPID`, …)."""
         return [p for d in (self.root, self.eval_dir) if d.is_dir() for p in remove_stale_temporaries(d)]
+
+    def check_adapter(self, record: dict) -> None:
+        """adapter/ is the adapter training exported (its sha256 recorded in run.json): one copied or edited after
+        training is refused."""
+        found = file_sha256(self.adapter_weights) if self.adapter_weights.exists() else "missing"
+        if found != record.get("adapter_sha256"):
+            raise ValueError(f"{self.adapter_weights} is not the adapter {self.record} recorded at training (sha256 "
+                             f"{found[:12]} != {str(record.get('adapter_sha256'))[:12]}): retrain the cell "
+                             "(force=true)")
 
     def trained_record(self, expected: str | None = None) -> dict | None:
         """run.json when training finished here, else None. With `expected` (the reader's `oplora.record.cell_hash`),

@@ -36,12 +36,17 @@ from typing import NamedTuple
 import torch
 import xxhash
 from filelock import FileLock
+from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from oplora.cache import Cache
-from oplora.device import resolve_device
+from oplora.config import trains
+from oplora.device import compute_dtype, resolve_device
 from oplora.io import atomic_file, tensor_checksums
+from oplora.methods import adapter_settings, get_method
+from oplora.models import LazyWeights, weight_files
+from oplora.resources import resolve
 
 log = logging.getLogger(__name__)
 MODES = ("exact", "randomized", "refined", "lowrank")
@@ -317,3 +322,27 @@ class SVDCache:
             log.warning("SVD cache file %s fails verification (%s); recomputing", path, problem)
             return None
         return {**entry, **tensors}
+
+
+def target_weights(cfg: DictConfig) -> LazyWeights:
+    """Every adapted weight matrix of the base model, read one at a time in the dtype training sees."""
+    base = resolve(cfg.model.path)
+    names = [k.removesuffix(".weight") for k in sorted(weight_files(base))
+             if k.endswith(".weight") and k.rsplit(".", 2)[-2] in cfg.model.target_modules]
+    return LazyWeights(base, names, getattr(torch, compute_dtype(cfg.model)))
+
+
+def svd_step(cfg: DictConfig, cells: dict) -> bool:
+    """The singular triples every method of the grid and figure 2a need, computed once into the cache; with
+    `pipeline.svd_shards=n`, `pipeline.shard=i` does the layers of shard i (a SLURM array task each)."""
+    settings = [adapter_settings(c) for c in cells.values() if trains(c.method)]
+
+    def needs(shape: tuple[int, int]) -> tuple[int, int]:
+        wanted = [get_method(s.method).svd_needs(s, shape) for s in settings]
+        return max([max(cfg.pipeline.rho_ks), *(t for t, _ in wanted)]), max((b for _, b in wanted), default=0)
+
+    weights = target_weights(cfg)
+    shards = cfg.pipeline.svd_shards
+    shard_list = [cfg.pipeline.shard] if cfg.pipeline.shard is not None else range(shards)
+    svd = SVDCache(Cache.of(cfg).root, mode=cfg.svd_mode)
+    return sum(build(svd, list(weights), weights.__getitem__, needs, shard, shards) for shard in shard_list) > 0

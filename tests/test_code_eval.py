@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from oplora.evaluation.code import (
     TEMPLATE_ENV,
-    Stage,
+    EvalPlus,
     codegen_command,
     evaluate_samples,
     humaneval_plus_file,
@@ -103,7 +103,7 @@ def test_run_evalplus_codegen_end_to_end_fresh_each_run(tmp_path):
     first = os.stat(result["samples"]).st_mtime_ns
 
     settings = {"dataset_file": None, "backend": "auto", "max_new_tokens": 24}
-    again = Stage(Target(base=str(model)), settings, limit=2, workdir=tmp_path / "out").run("humaneval")
+    again = EvalPlus(Target(base=str(model)), settings, limit=2, workdir=tmp_path / "out").run("humaneval")
     assert not marker.exists() and os.stat(result["samples"]).st_mtime_ns != first
     assert again["metrics"]["humaneval"] == {"metric": "pass@1", "value": 0.0, "n": 2, "stderr": 0.0}
     assert len(read_jsonl(again["details"]["humaneval"]["samples"])) == 2

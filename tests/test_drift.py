@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oplora import paired
-from oplora.evaluation.drift import Stage, token_kl
+from oplora.evaluation.drift import KL, token_kl
 from oplora.evaluation.target import Target
 from oplora.paired import Items, intervals, matrix, t_interval, to_markdown
 from oplora.rundir import RunDir
@@ -43,7 +43,7 @@ def test_kl_is_the_mean_over_real_tokens_of_the_exact_divergence(tuned, tmp_path
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(PROMPTS)))
     settings = {"batch_size": 4, "cpu_batch_size": 3, "max_length": 64, "tasks": {"held": {"path": str(prompts)}}}
-    result = Stage(Target(base_dir, adapter), settings, None, tmp_path / "work").run("held")
+    result = KL(Target(base_dir, adapter), settings, None, tmp_path / "work").run("held")
     rows = [json.loads(line) for line in open(tmp_path / "work" / "held.samples.jsonl")]
     per_prompt, nll_increase = [r["kl"] for r in rows], [r["nll_increase"] for r in rows]
 
@@ -84,7 +84,7 @@ def test_base_row_scores_zero_without_loading_a_model(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": 7, "text": "hello there"}\n{"id": 8, "text": "general kenobi"}\n')
     settings = {"batch_size": 4, "cpu_batch_size": 4, "max_length": 8, "tasks": {"held": {"path": str(prompts)}}}
-    result = Stage(Target("no/such-model"), settings, None, tmp_path).run("held")
+    result = KL(Target("no/such-model"), settings, None, tmp_path).run("held")
     assert result["metrics"]["held"]["value"] == 0.0 and not result["details"]["held"]["computed"]
 
 

@@ -10,8 +10,9 @@ from transformers import AutoTokenizer
 from helpers import adapt, compose, eval_overrides, train
 from helpers import settings as adapter_settings
 from oplora.evaluation import harness, math_eval
-from oplora.evaluation.cell import TasksFailed, evaluate
+from oplora.evaluation.cell import TasksFailed, current_result, evaluate
 from oplora.evaluation.math_score import gsm8k_gold
+from oplora.evaluation.stage import Stage, register
 from oplora.export import export_adapter, save_initial
 from oplora.record import config_hash
 from oplora.train import train as train_cell
@@ -44,6 +45,38 @@ def test_lm_eval_stage_writes_a_complete_result(run, tasks):
     assert result["target"]["adapter"] == record["adapter"] and len(result["target"]["adapter_sha256"]) == 64
     assert result["versions"]["lm_eval"] and result["limit"] == 6 and result["settings"]["include_path"]
     assert not (path.parent.parent / "merged").exists()  # merged for the stage, removed after it
+
+
+@register
+class Probe(Stage):
+    """A stage registered from a test file: one task scores, one fails; it records when it is closed."""
+
+    name = "probe"
+    closed: list = []
+
+    def run(self, task: str) -> dict:
+        if task == "broken":
+            raise ValueError("this task's data is broken")
+        return {"metrics": {task: {"metric": "m", "value": 0.5, "stderr": None, "n": 1}}, "details": {task: {}}}
+
+    def close(self) -> None:
+        Probe.closed.append(self.workdir)
+        super().close()
+
+
+def test_a_stage_is_closed_after_its_tasks_and_its_version_keys_its_results(run, monkeypatch):
+    """The stage contract: registered by name, closed once when its tasks are done (a failed one included: the next
+    stage of the process gets its GPU memory), and its `version` in the key of its results (a changed evaluator
+    makes them stale)."""
+    columns = "[{label:A,stage:probe,task:fine,role:finetune},{label:B,stage:probe,task:broken,role:forget}]"
+    cfg = compose(*run, f"eval.columns={columns}", "+eval.probe={limit:null}")
+    with pytest.raises(TasksFailed, match="probe/broken: ValueError: this task's data is broken"):
+        evaluate(cfg)
+    assert len(Probe.closed) == 1
+    assert current_result(cfg, "probe")["metrics"]["fine"]["value"] == 0.5
+    monkeypatch.setattr(Probe, "version", 2)  # the evaluator changed what it computes
+    with pytest.warns(UserWarning, match="another version of the stage"):
+        assert current_result(cfg, "probe") is None
 
 
 def test_finished_stage_is_skipped_forced_or_rerun_on_change(run, tasks):
@@ -126,7 +159,7 @@ def test_bad_evaluation_input_is_refused_with_the_reason(run, tasks, tmp_path):
         evaluate(compose(*run[:-1], f"output_dir={tmp_path}", *eval_overrides(tasks)))
     with pytest.raises(ValueError, match="trained with another config"):
         evaluate(compose(*run, "train.lr=1e-5", *eval_overrides(tasks)))
-    with pytest.raises(ValueError, match="valid: lm_eval, evalplus, math"):
+    with pytest.raises(ValueError, match="valid: evalplus, kl, lm_eval, math"):
         evaluate(compose(*run, "eval.columns=[{label:X,stage:bleu,task:x,role:finetune}]"))
     with pytest.raises(ValueError, match="use the stages lm_eval"):
         evaluate(compose(*run, *eval_overrides(tasks, "eval.only=[math]")))

@@ -74,6 +74,6 @@ def test_the_math_stage_loads_its_generator_once_for_every_task(tiny_dirs, tmp_p
     real = math_eval.GENERATORS["hf"]
     monkeypatch.setitem(math_eval.GENERATORS, "hf", lambda *args: built.append(args) or real(*args))
     settings = {"backend": "auto", "batch_size": 2, "max_new_tokens": 4, "suffix": "", "tasks": {"a": spec, "b": spec}}
-    stage = math_eval.Stage(Target(str(tiny_dirs["llama"])), settings, None, tmp_path)
+    stage = math_eval.Math(Target(str(tiny_dirs["llama"])), settings, None, tmp_path)
     results = [stage.run(task) for task in ("a", "b")]
     assert len(built) == 1 and [r["details"][t]["rows"] for r, t in zip(results, "ab", strict=True)] == [3, 3]

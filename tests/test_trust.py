@@ -15,8 +15,9 @@ from transformers import AutoTokenizer
 from helpers import compose
 from oplora.cache import Cache
 from oplora.data import tokenized
+from oplora.diagnose import diagnose_step
 from oplora.evaluation.cell import evaluate
-from oplora.pipeline import diagnose_step, run
+from oplora.pipeline import run
 from oplora.report import cell_rho, loss_curves
 from oplora.train import finished, train
 from test_pipeline import grid_overrides

@@ -24,9 +24,9 @@ from omegaconf import DictConfig
 from oplora.artifacts import ArtifactUnavailable
 from oplora.config import trains
 from oplora.device import check_gpu, eval_dtype
-from oplora.evaluation import STAGES
+from oplora.evaluation.stage import STAGES
 from oplora.evaluation.target import Target, merged_dir
-from oplora.io import CorruptFile, atomic_write_text, content_digest, content_hash, file_sha256, read_json
+from oplora.io import CorruptFile, atomic_write_text, content_digest, content_hash, read_json
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.resources import PREFIX, resolve
 from oplora.rundir import RunDir
@@ -39,8 +39,9 @@ def stage_tasks(columns) -> dict[str, list[str]]:
     """Each stage's tasks in column order, each once."""
     tasks: dict[str, list[str]] = {}
     for column in columns:
-        if column.stage not in STAGES:
-            raise ValueError(f"column {column.label!r} names stage {column.stage!r}; valid: {', '.join(STAGES)}")
+        if column.stage not in STAGES.classes:
+            raise ValueError(f"column {column.label!r} names stage {column.stage!r}; valid: "
+                             f"{', '.join(STAGES.names())}")
         if column.task not in tasks.setdefault(column.stage, []):
             tasks[column.stage].append(column.task)
     return tasks
@@ -65,16 +66,8 @@ def target_for(cfg: DictConfig) -> tuple[Target, str]:
     if record["config_hash"] != chash:
         raise ValueError(f"{run.record} was trained with another config (hash {record['config_hash'][:12]}, "
                          f"this config {chash[:12]}); retrain it or evaluate with its own overrides")
-    check_adapter(run, record)
+    run.check_adapter(record)
     return Target(base, str(run.adapter), dtype, trust), chash
-
-
-def check_adapter(run: RunDir, record: dict) -> None:
-    """The run directory's adapter is the one its training exported (sha256 recorded in run.json)."""
-    found = file_sha256(run.adapter_weights) if run.adapter_weights.exists() else "missing"
-    if found != record.get("adapter_sha256"):
-        raise ValueError(f"{run.adapter_weights} is not the adapter {run.record} recorded at training (sha256 "
-                         f"{found[:12]} != {str(record.get('adapter_sha256'))[:12]}): retrain the cell (force=true)")
 
 
 def check_metrics(name: str, task: str, result: dict) -> None:
@@ -108,11 +101,12 @@ class TasksFailed(RuntimeError):
 
 
 def stage_key(cfg: DictConfig, name: str, tasks: list[str], target: Target, chash: str) -> str:
-    """What a stage's result depends on: its tasks, settings, limit, the evaluated model, the content of its local
-    data and the training config. A result carrying another key is stale."""
+    """What a stage's result depends on: the stage's evaluator (its `version`), its tasks, settings, limit, the
+    evaluated model, the content of its local data and the training config. A result carrying another key is stale."""
     settings = as_dict(cfg.eval[name])
-    return content_hash({"stage": name, "tasks": tasks, "settings": settings, "limit": stage_limit(cfg, name),
-                         "target": target.identity(), "data": local_data(settings), "train_config_hash": chash})
+    return content_hash({"stage": name, "version": STAGES.get(name).version, "tasks": tasks, "settings": settings,
+                         "limit": stage_limit(cfg, name), "target": target.identity(), "data": local_data(settings),
+                         "train_config_hash": chash})
 
 
 def stage_limit(cfg: DictConfig, name: str) -> int | None:
@@ -141,8 +135,8 @@ def current_result(cfg: DictConfig, stage: str) -> dict | None:
                       "shown as —", stacklevel=2)
         return None
     if result.get("stage_hash") != expected:
-        warnings.warn(f"{path} was computed for another config or other eval settings of this cell (stale): its "
-                      "columns are shown as — until the cell is evaluated again", stacklevel=2)
+        warnings.warn(f"{path} was computed for another config, other eval settings or another version of the stage "
+                      "(stale): its columns are shown as — until the cell is evaluated again", stacklevel=2)
         return None
     return result
 
@@ -166,26 +160,30 @@ def run_stage(cfg: DictConfig, name: str, tasks: list[str], target: Target, chas
     partial = read_previous(partial_path)
     if partial.get("stage_hash") != key or cfg.eval.force:
         partial = {"stage_hash": key, "tasks": {}}
-    stage, failed = None, {}
-    for task in tasks:
-        if task in partial["tasks"]:
-            log.info("%s/%s: already evaluated, resuming after it", name, task)
-            continue
-        log.info("%s/%s: evaluating %s", name, task, target.adapter or target.base)
-        if stage is None:
-            use_merged = STAGES[name].generates or cfg.eval.merge
-            stage = STAGES[name](target, settings, limit, run.eval_work(name), merged() if use_merged else None)
-        try:
-            result = stage.run(task)
-            check_metrics(name, task, result)
-        except FloatingPointError:  # a broken model: every task would be meaningless
-            raise
-        except Exception as err:  # one task's failure (its data, its loader) must not hide the others' results
-            log.error("%s/%s failed: %s", name, task, err)
-            failed[task] = f"{type(err).__name__}: {err}"
-            continue
-        partial["tasks"][task] = result
-        atomic_write_text(partial_path, json.dumps(partial, indent=2))
+    cls, stage, failed = STAGES.get(name), None, {}
+    try:
+        for task in tasks:
+            if task in partial["tasks"]:
+                log.info("%s/%s: already evaluated, resuming after it", name, task)
+                continue
+            log.info("%s/%s: evaluating %s", name, task, target.adapter or target.base)
+            if stage is None:
+                use_merged = cls.generates or cfg.eval.merge
+                stage = cls(target, settings, limit, run.eval_work(name), merged() if use_merged else None)
+            try:
+                result = stage.run(task)
+                check_metrics(name, task, result)
+            except FloatingPointError:  # a broken model: every task would be meaningless
+                raise
+            except Exception as err:  # one task's failure (its data, its loader) must not hide the others' results
+                log.error("%s/%s failed: %s", name, task, err)
+                failed[task] = f"{type(err).__name__}: {err}"
+                continue
+            partial["tasks"][task] = result
+            atomic_write_text(partial_path, json.dumps(partial, indent=2))
+    finally:  # the next stage of this process gets the GPU memory this one held
+        if stage is not None:
+            stage.close()
     results = partial["tasks"].values()
     record = {"stage": name, "stage_hash": key, "run": str(run.root), "target": identity,
               "train_config_hash": chash, "settings": settings, "limit": limit, "tasks": tasks,

@@ -31,6 +31,7 @@ from oplora import sandbox
 from oplora.evaluation import evalplus_cli
 from oplora.evaluation.common import binomial_stderr, check_generations, generation_backend
 from oplora.evaluation.evalplus_cli import CAP_ENV, INDEX, TEMPLATE_ENV
+from oplora.evaluation.stage import Stage, register
 from oplora.io import atomic_write_text, file_sha256
 from oplora.prompt import PROMPT
 from oplora.resources import OFFLINE_ENV, hub_offline
@@ -271,14 +272,14 @@ def run_evalplus(model: str, out: str | Path, *, dataset: str = "mbpp", override
             "dataset_sha256": file_sha256(dataset_file)}
 
 
-class Stage:
-    """The eval configs' `evalplus` stage: `run("mbpp")` reports the columns `mbpp` and `mbpp_plus`."""
+@register
+class EvalPlus(Stage):
+    """The eval configs' `evalplus` stage: `run("mbpp")` reports the columns `mbpp` and `mbpp_plus`. Generation and
+    evaluation run in subprocesses: this process holds nothing on the GPU."""
 
+    name = "evalplus"
+    version = 2  # 2: each candidate checked in a sandbox of its own
     generates = True
-
-    def __init__(self, target, settings: dict, limit: int | None, workdir: str | Path, merged: str | None = None):
-        self.target, self.settings, self.limit, self.workdir = target, settings, limit, Path(workdir)
-        self.model_dir = merged or target.base
 
     def run(self, task: str) -> dict:
         result = run_evalplus(self.model_dir, self.workdir, dataset=task, override=self.settings["dataset_file"],

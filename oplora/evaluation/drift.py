@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from oplora.device import batch_size, resolve_device
+from oplora.evaluation.stage import Stage, register
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.resources import resolve
@@ -76,12 +77,12 @@ def mean_metric(name: str, values: tuple[float, ...]) -> dict:
     return {"metric": name, "value": fmean(values), "stderr": std / math.sqrt(n) if std else None, "n": n}
 
 
-class Stage:
-    generates = False
+@register
+class KL(Stage):
+    """Both models are loaded per task and freed when it ends."""
 
-    def __init__(self, target: Target, settings: dict, limit: int | None, workdir, merged: str | None = None):
-        self.target, self.settings, self.limit, self.merged = target, settings, limit, merged
-        self.workdir = Path(workdir)
+    name = "kl"
+    version = 2  # 2: the NLL increase beside the KL
 
     def scores(self, prompts: list[dict]) -> list[tuple[float, float]]:
         """(KL, NLL increase) per prompt; both 0 for the base model itself."""

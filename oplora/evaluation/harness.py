@@ -21,6 +21,7 @@ from oplora.artifacts import ArtifactUnavailable
 from oplora.device import batch_size, resolve_device
 from oplora.evaluation.code_eval import sandboxed_code_eval
 from oplora.evaluation.common import check_generations, check_loglikelihoods
+from oplora.evaluation.stage import Stage, register
 from oplora.evaluation.target import Target
 from oplora.io import atomic_write_text
 from oplora.resources import resolve
@@ -128,19 +129,23 @@ def evaluate_task(lm, task: str, settings: dict, limit: int | None, samples_path
                                "samples": str(samples_path)}}}
 
 
-class Stage:
+@register
+class LmEval(Stage):
     """Loads the model once, on the first task that has not finished yet."""
 
-    generates = False
+    name = "lm_eval"
 
-    def __init__(self, target: Target, settings: dict, limit: int | None, workdir, merged: str | None = None):
-        self.target, self.settings, self.limit, self.merged = target, settings, limit, merged
-        self.workdir = Path(workdir)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.lm = None
-        self.manager = task_manager(settings["include_path"])
+        self.manager = task_manager(self.settings["include_path"])
 
     def run(self, task: str) -> dict:
         if self.lm is None:
             self.lm = load_lm(self.target, self.settings, self.merged)
         return evaluate_task(self.lm, task, self.settings, self.limit, self.workdir / f"{task}.samples.jsonl",
                              self.manager)
+
+    def close(self) -> None:
+        self.lm = None
+        super().close()

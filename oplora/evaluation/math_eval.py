@@ -22,7 +22,7 @@ from oplora.evaluation.common import (
     generation_backend,
     vllm_memory_fraction,
 )
-from oplora.evaluation.target import Target
+from oplora.evaluation.stage import Stage, register
 from oplora.io import atomic_write_text
 from oplora.prompt import PROMPT
 from oplora.resources import resolve
@@ -119,14 +119,19 @@ def score(spec: dict, rows: list[dict], completions: list[str]) -> tuple[list[di
     return samples, sum(s["correct"] for s in samples) / max(len(samples), 1)
 
 
-class Stage:
+@register
+class Math(Stage):
+    name = "math"
     generates = True
 
-    def __init__(self, target: Target, settings: dict, limit: int | None, workdir: Path, merged: str | None = None):
-        self.target, self.settings, self.limit, self.workdir = target, settings, limit, Path(workdir)
-        self.model_dir = merged or target.base
-        self.backend = generation_backend(settings["backend"])
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = generation_backend(self.settings["backend"])
         self.generate = None  # built on the first task, then shared by the others (GSM8K and MATH: one engine)
+
+    def close(self) -> None:
+        self.generate = None  # the HF model or the vLLM engine it holds
+        super().close()
 
     def run(self, task: str) -> dict:
         tasks = self.settings["tasks"]
