@@ -25,6 +25,7 @@ from oplora.config import CONFIG_DIR
 from oplora.figures import RHO_FLOOR, method_colors
 from oplora.figures import save as save_figure
 from oplora.io import atomic_write_text, content_hash
+from oplora.results import ResultsDir
 
 AVERAGES = (("forget_avg", "average forgetting score"), ("finetune_avg", "average fine-tuning score"),
             ("avg", "average of all columns"))
@@ -99,7 +100,7 @@ def publish(cfg: DictConfig) -> str | None:
     entity = cfg.wandb.entity or (tracking.default_entity() if online else "")
     view = workspace(entity, cfg.wandb.project, cfg.experiment_name, cfg.model.name, cfg.data.name,
                      [c.label for c in cfg.eval.columns], figure_k(cfg.pipeline.rho_ks))
-    path = atomic_write_text(Path(cfg.pipeline.results_dir) / "dashboard.json", to_json(view))
+    path = atomic_write_text(ResultsDir(cfg.pipeline.results_dir).dashboard.with_suffix(".json"), to_json(view))
     print(f"W&B dashboard definition written to {path}")
     if online:
         url = save(view)

@@ -39,14 +39,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from oplora.cache import Cache
+from oplora.cache import ENV, Cache
 from oplora.device import compute_dtype
 from oplora.io import atomic_write_text, content_hash, read_json
 from oplora.methods.base import ADAPTER, PEFT_PREFIX, lora_layers
 from oplora.models import LazyWeights, unreadable, weights_digest
 from oplora.record import cell_hash
 from oplora.resources import resolve
-from oplora.rundir import RunDir
+from oplora.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
 from oplora.svd import MODES, SVDCache
 
 
@@ -153,18 +153,18 @@ def adapter_factors(adapter: str | Path) -> dict[str, Factors]:
     """ΔW = s·B A of every module of a saved plain PEFT LoRA adapter, as factors (never the m×n product)."""
     adapter = Path(adapter)
     try:
-        config = json.loads((adapter / "adapter_config.json").read_text())
+        config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise unreadable(adapter / "adapter_config.json", err) from err
+        raise unreadable(adapter / ADAPTER_CONFIG, err) from err
     special = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(key)]
     if config.get("peft_type", "LORA") != "LORA" or special:
         raise ValueError(f"{adapter}: only plain LoRA adapters (no DoRA, rank or alpha patterns) are supported")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (r**0.5 if config.get("use_rslora") else r)
     try:
-        tensors = load_file(adapter / "adapter_model.safetensors")
+        tensors = load_file(adapter / ADAPTER_WEIGHTS)
     except SafetensorError as err:
-        raise unreadable(adapter / "adapter_model.safetensors", err) from err
+        raise unreadable(adapter / ADAPTER_WEIGHTS, err) from err
     factors = {}
     for key, A in tensors.items():
         if ".lora_A." in key:
@@ -172,7 +172,7 @@ def adapter_factors(adapter: str | Path) -> dict[str, Factors]:
             B = tensors[key.replace(".lora_A.", ".lora_B.")]
             factors[module] = Factors(A.T, B.T, scaling) if config.get("fan_in_fan_out") else Factors(B, A, scaling)
     if not factors:
-        raise ValueError(f"{adapter}: adapter_model.safetensors holds no LoRA weights")
+        raise ValueError(f"{adapter}: {ADAPTER_WEIGHTS} holds no LoRA weights")
     return factors
 
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                                           "s·B A (with its initial value) instead of the effective update")
     parser.add_argument("--svd-mode", default="exact", choices=MODES)
     parser.add_argument("--device", default="auto", help="where the SVD and its verification run (auto: CUDA if any)")
-    parser.add_argument("--cache", help="SVD cache root (default: $OPLORA_CACHE or ~/.cache/oplora)")
+    parser.add_argument("--cache", help=f"the cache's root, holding svd/ (default: ${ENV} or ~/.cache/oplora)")
     args = parser.parse_args(argv)
     report = diagnose_adapter(args.base, args.adapter, args.k, SVDCache(args.cache, args.svd_mode, device=args.device),
                               initial=args.initial)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from oplora.device import resolve_device
 from oplora.io import atomic_dir
 from oplora.methods import get_method
+from oplora.rundir import ADAPTER_WEIGHTS
 
 
 def save_initial(model: PeftModel, directory: str | Path) -> Path:
@@ -33,7 +34,7 @@ def export_adapter(model: PeftModel, method: str, directory: str | Path, initial
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         get_method(method).export(model, tmp, Path(initial) if initial else None)
-        bad = [k for k, t in load_file(tmp / "adapter_model.safetensors").items() if not torch.isfinite(t).all()]
+        bad = [k for k, t in load_file(tmp / ADAPTER_WEIGHTS).items() if not torch.isfinite(t).all()]
         if bad:
             raise FloatingPointError(f"refusing to export a broken adapter to {directory}: {len(bad)} tensors hold "
                                      f"NaN/inf values (e.g. {bad[0]})")

@@ -29,6 +29,7 @@ from oplora.graph import GRAPH
 from oplora.graph import Step as GraphStep
 from oplora.record import as_dict
 from oplora.resources import OFFLINE_ENV
+from oplora.results import ResultsDir
 from oplora.slurm import Step, submit, wait
 
 
@@ -108,7 +109,7 @@ def submit_pipeline(cfg: DictConfig, overrides: list[str], cells: dict) -> dict[
     settings = as_dict(cfg.launcher)
     if settings["submit"]:
         fetch(cfg, cells)  # here, with internet; a missing or gated item stops the submission
-    directory = Path(cfg.pipeline.results_dir).parent / "slurm"
+    directory = ResultsDir(cfg.pipeline.results_dir).slurm
     shards = cfg.pipeline.svd_shards if cfg.pipeline.svd_shards > 1 else settings.get("svd_shards") or 1
     jobs = pipeline_jobs(settings["python"] or sys.executable, overrides, cells, int(settings["gpus"] or 1), shards,
                          settings.get("step_resources"))

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from oplora import dashboard, paired, spread, tables, tracking
 from oplora.config import trains
 from oplora.evaluation.cell import current_result, stage_tasks
-from oplora.figures import figure2, paper_rho
+from oplora.figures import Drift, figure2, paper_rho
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.results import ResultsDir
@@ -219,17 +219,16 @@ def write(cfg: DictConfig, cells: dict, summary: Summary, out: ResultsDir) -> No
         atomic_write_text(out.paper, "\n\n".join([
             tables.to_markdown(published, title=f"The paper's {paper}"),
             tables.to_markdown(tables.difference(table, published), title=f"Ours − paper ({paper})", mark=False)]))
-    forgetting = {name: table.forget_avg(name) for name in rho}
-    errors = {name: stats[name]["forget_avg"]["stderr"] for name in forgetting}
-    drift = next((c for c in cfg.eval.columns if c.role == "drift"), None)
-    drift = drift and (drift.label, {m: stats[m][drift.label]["mean"] for m in rho},
-                       {m: stats[m][drift.label]["stderr"] for m in rho})
     colors = {name: method.get("color") for name, method in methods.items()}
     if rho:
-        quoted = (paper_rho(cfg.model.name, cfg.pipeline.rho_module),
-                  {name: published.forget_avg(name) for name in published.rows} if published is not None else {})
-        figure2(rho, forgetting, out.figure2, colors=colors, module=cfg.pipeline.rho_module, title=title,
-                errors=errors, paper=quoted, drift=drift)
+        column = next((c for c in cfg.eval.columns if c.role == "drift"), None)
+        drift = column and Drift(column.label, {m: stats[m][column.label]["mean"] for m in rho},
+                                 {m: stats[m][column.label]["stderr"] for m in rho})
+        figure2(rho, {name: table.forget_avg(name) for name in rho}, out.figure2, colors=colors,
+                module=cfg.pipeline.rho_module, title=title, errors={m: stats[m]["forget_avg"]["stderr"] for m in rho},
+                paper_rho=paper_rho(cfg.model.name, cfg.pipeline.rho_module),
+                paper_forgetting={m: published.forget_avg(m) for m in published.rows} if published is not None else {},
+                drift=drift)
     atomic_write_text(out.long, spread.to_csv(summary.long))
     write_paired(cfg, cells, methods, out, title)
     dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out.dashboard, colors,

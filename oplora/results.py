@@ -10,7 +10,8 @@
       dashboard.png, dashboard.json     the W&B dashboard's panels drawn locally, and its definition
       failed.json                       what failed in the last run (once-steps and cells); absent when nothing did
       partial/                          an incomplete table (same files), when a complete one is here already
-      wandb/                            the collect step's offline W&B run
+      wandb/                            the collect step's offline W&B run (W&B's own directory)
+    <results_dir>/../slurm/             launcher=slurm: the job script and logs of each step (oplora.launch)
 
 A complete table is never replaced by an incomplete one: a run with a failure or a missing value writes into
 `partial/` when the directory holds a complete table, and a failed once-step (fetch, svd) or a run without a single
@@ -46,6 +47,7 @@ class ResultsDir:
     dashboard = property(lambda self: self.root / "dashboard")  # .png (drawn), .json (the W&B definition)
     failed = property(lambda self: self.root / "failed.json")
     wandb = property(lambda self: self.root / "wandb")
+    slurm = property(lambda self: self.root.parent / "slurm")  # beside it: the SLURM job scripts and logs (launch.py)
 
     @property
     def partial(self) -> ResultsDir:

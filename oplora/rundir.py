@@ -2,15 +2,20 @@
 
     <output_dir>/
       config.json           the resolved training config and its hash (written when training starts)
-      checkpoints/          HF Trainer checkpoints: the resume points
+      checkpoints/          HF Trainer checkpoints (checkpoint-N/, the Trainer's layout): the resume points; a
+                            last one whose weights broke is set aside as broken-checkpoint-N/ (oplora.train)
       initial_adapter/      the adapter at init (methods that change the base weight need it to export)
-      adapter/              the exported plain PEFT LoRA adapter: what training produces
+      adapter/              the exported plain PEFT LoRA adapter (PEFT's ADAPTER_WEIGHTS, ADAPTER_CONFIG): what
+                            training produces
       run.json              the training record (config, hash, metrics, versions): written last
       diagnose.json         ρ_k and the other diagnostics of adapter/ against the original weights
       eval/<stage>.json     one evaluation stage's result (eval/<stage>.partial.json while it runs)
       eval/<stage>/         that stage's per-sample records and work files
       merged/               base + adapter merged for generation (removed after evaluation by default)
       failed/<step>.json    why a pipeline step failed for this cell (removed when the step succeeds)
+      .<step>.lock          held while a pipeline step works on the cell
+      wandb/                the cell's offline W&B train and eval runs (W&B's own directory, oplora.tracking)
+      hydra/                Hydra's record of a command run on this cell (configs/train.yaml: hydra.run.dir)
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from pathlib import Path
 from filelock import FileLock
 
 from oplora.io import CorruptFile, atomic_write_text, file_sha256, read_json, remove_stale_temporaries
+
+# PEFT's file names in an adapter directory (adapter/, initial_adapter/, and each training checkpoint):
+# peft.utils.SAFETENSORS_WEIGHTS_NAME and CONFIG_NAME (tests/test_export.py checks they still are)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     initial_adapter = property(lambda self: self.root / "initial_adapter")
     adapter = property(lambda self: self.root / "adapter")
-    adapter_weights = property(lambda self: self.root / "adapter" / "adapter_model.safetensors")
+    adapter_weights = property(lambda self: self.adapter / ADAPTER_WEIGHTS)
     record = property(lambda self: self.root / "run.json")
     diagnose = property(lambda self: self.root / "diagnose.json")
     merged = property(lambda self: self.root / "merged")

@@ -52,7 +52,7 @@ from oplora.methods.base import check_rank, target_shapes
 from oplora.models import weight_files, weights_digest
 from oplora.record import as_dict, config_hash, provenance
 from oplora.resources import resolve
-from oplora.rundir import RunDir
+from oplora.rundir import ADAPTER_WEIGHTS, RunDir
 from oplora.svd import MODES, SVDCache
 
 log = logging.getLogger("oplora.train")
@@ -158,7 +158,7 @@ def last_checkpoint(directory: str | Path) -> str | None:
     for path in steps:
         try:
             json.loads((path / "trainer_state.json").read_text())
-            if finite(load_file(path / "adapter_model.safetensors").values()):
+            if finite(load_file(path / ADAPTER_WEIGHTS).values()):
                 return str(path)
             log.warning("skipping checkpoint %s: its weights are not finite", path)
         except (OSError, ValueError, SafetensorError):
@@ -327,7 +327,7 @@ def train(cfg: DictConfig) -> Path:
     final = checkpoint and final_state(checkpoint)
     if final:  # killed after the last step, before the export: resuming would run one step more
         log.info("%s holds the last step: exporting it without training further", checkpoint)
-        set_peft_model_state_dict(model, load_file(Path(checkpoint) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, load_file(Path(checkpoint) / ADAPTER_WEIGHTS))
         metrics, history = final["log_history"][-1], final["log_history"]
     else:
         log.info("resuming from %s", checkpoint) if checkpoint else None

@@ -146,3 +146,12 @@ def test_pissa_rho_of_the_trained_product_includes_its_initial_value(tiny_dirs, 
         assert trained["modules"][name]["rho"]["8"] == pytest.approx(rho(product, U, ks)[8], rel=1e-9)
     rho_8 = lambda report: report["aggregate"]["rho_mean"]["8"]  # noqa: E731
     assert rho_8(trained) > 0.9 > rho_8(effective)  # PiSSA's s·B A starts as W's top-r part
+
+
+def test_the_adapter_file_names_are_pefts():
+    """oplora.rundir spells PEFT's adapter file names once (every module reads them there): they must stay PEFT's."""
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    from oplora.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    assert (ADAPTER_WEIGHTS, ADAPTER_CONFIG) == (SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME)

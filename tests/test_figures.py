@@ -7,7 +7,7 @@ import warnings
 import matplotlib.image as mpimg
 import pytest
 
-from oplora.figures import figure2, order_by_rho, paper_rho
+from oplora.figures import Drift, figure2, order_by_rho, paper_rho
 
 KS = (8, 16, 32, 64, 128)
 
@@ -88,9 +88,10 @@ def test_the_papers_quoted_values_are_drawn_beside_ours(tmp_path):
     assert quoted == {"OPLoRA-128": [(128, 0.003, "="), *((k, 1.4e-5, "<") for k in (64, 32, 16, 8))]}
     assert paper_rho("smollm2-135m", "model.layers.0.self_attn.q_proj") == {}
     plain = mpimg.imread(figure2(rho, forgetting, tmp_path / "plain")[0])
-    with_paper = mpimg.imread(figure2(rho, forgetting, tmp_path / "paper", paper=(quoted, {"LoRA": 49.64}))[0])
-    assert (plain != with_paper).any()
-    assert (plain == mpimg.imread(figure2(rho, forgetting, tmp_path / "none", paper=({}, {}))[0])).all()
+    with_paper = figure2(rho, forgetting, tmp_path / "paper", paper_rho=quoted, paper_forgetting={"LoRA": 49.64})
+    assert (plain != mpimg.imread(with_paper[0])).any()
+    without = figure2(rho, forgetting, tmp_path / "none", paper_rho={}, paper_forgetting={})
+    assert (plain == mpimg.imread(without[0])).all()
 
 
 @pytest.mark.parametrize("experiment,holds", [("table2", False), ("table4", True), ("table6", True)])
@@ -107,3 +108,12 @@ def test_figure2b_statement_holds_for_table4_and_table6_not_table2(experiment, h
     statement = min(average["OPLoRA-16"], average["OPLoRA-128"]) > baselines and max(average, key=average.get) == \
         "OPLoRA-128"
     assert statement == holds
+
+
+def test_a_drift_column_is_drawn_on_a_second_axis_of_panel_b(tmp_path):
+    rho, forgetting = _inputs()
+    plain = mpimg.imread(figure2(rho, forgetting, tmp_path / "plain")[0])
+    kl = Drift("KL", {m: 0.1 * i for i, m in enumerate(rho)}, dict.fromkeys(rho, 0.01))
+    assert (plain != mpimg.imread(figure2(rho, forgetting, tmp_path / "kl", drift=kl)[0])).any()
+    unmeasured = Drift("KL", dict.fromkeys(rho), dict.fromkeys(rho))  # no value at all: no second axis
+    assert (plain == mpimg.imread(figure2(rho, forgetting, tmp_path / "none", drift=unmeasured)[0])).all()

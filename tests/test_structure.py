@@ -5,6 +5,8 @@ import ast
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import oplora
 
 PACKAGE = Path(oplora.__file__).parent
@@ -136,14 +138,25 @@ def test_the_documented_layers_hold():
     assert upward == [], f"imports that go up a layer of {ARCHITECTURE}"
 
 
-def test_the_cache_root_is_read_in_one_place():
-    """Only oplora/cache.py reads $OPLORA_CACHE: every other module takes a `Cache` (or its default)."""
-    def reads(path: Path) -> bool:
-        return any(isinstance(node, ast.Constant) and node.value == "OPLORA_CACHE"
-                   for node in ast.walk(ast.parse(path.read_text())))
+@pytest.mark.parametrize("name, owner", [("OPLORA_CACHE", "cache.py"), ("adapter_model.safetensors", "rundir.py")])
+def test_a_name_is_spelled_by_its_owner_only(name, owner):
+    """The cache root's variable only in oplora/cache.py, PEFT's adapter file name only in oplora/rundir.py: every
+    other module asks them (a `Cache`, `ADAPTER_WEIGHTS`)."""
+    def spells(path: Path) -> bool:
+        return any(isinstance(node, ast.Constant) and isinstance(node.value, str) and name in node.value
+                   for node in ast.walk(strip_docstrings(path)))
 
-    readers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "cache.py" and reads(p))
-    assert readers == []
+    assert sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != owner and spells(p)) == []
+
+
+def strip_docstrings(path: Path) -> ast.Module:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value,
+                                                                                             ast.Constant):
+            node.body = body[1:]
+    return tree
 
 
 def test_gpu_or_cpu_is_decided_in_one_place():

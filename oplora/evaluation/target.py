@@ -12,6 +12,7 @@ import torch
 from oplora.device import release_gpu_memory
 from oplora.export import merge
 from oplora.io import atomic_write_text, file_sha256
+from oplora.rundir import ADAPTER_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Target:
 
     def identity(self) -> dict:
         """Base, adapter and the adapter's content hash: what a result was computed from."""
-        return {**asdict(self), "adapter_sha256": file_sha256(Path(self.adapter) / "adapter_model.safetensors")
+        return {**asdict(self), "adapter_sha256": file_sha256(Path(self.adapter) / ADAPTER_WEIGHTS)
                 if self.adapter else None}
 
 
