@@ -37,9 +37,9 @@ INTERVALS = {
                            "the seeds (the seeds held fixed)",
 }
 LEGEND = (f"Each cell: the mean difference over seeds, its {LEVEL:.0%} t-interval over seeds [low, high] (* when it "
-          f"and the interval in parentheses both exclude 0), and in parentheses the {LEVEL:.0%} bootstrap interval over questions ({B} draws), "
-          "conditional on the seeds. With one seed there is no interval over seeds: only the conditional one, "
-          "and no *.")
+          f"and the interval in parentheses both exclude 0), and in parentheses the {LEVEL:.0%} bootstrap interval "
+          f"over questions ({B} draws), conditional on the seeds. With one seed there is no interval over seeds: only "
+          "the conditional one, and no *.")
 
 
 def items(cfg, column, read=current_result) -> dict[str, float] | None:
@@ -127,7 +127,8 @@ def summary(per_seed: dict[int, float], draws: np.ndarray, questions: int, sd: f
     t = t_interval(list(per_seed.values()))
     cond = percentile_interval(draws)
     return {"diff": float(np.mean(list(per_seed.values()))), "low": t[0] if t else None, "high": t[1] if t else None,
-            "excludes_zero": excludes_zero(t) and excludes_zero(cond), "cond_low": cond[0], "cond_high": cond[1], "seeds": len(per_seed),
+            "excludes_zero": excludes_zero(t) and excludes_zero(cond), "cond_low": cond[0], "cond_high": cond[1],
+            "seeds": len(per_seed),
             "per_seed": {str(s): float(d) for s, d in per_seed.items()}, "questions": questions, "sd": sd}
 
 
