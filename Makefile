@@ -23,7 +23,7 @@ TABLES   := table2 table3 table4 table5 table6 table7
 
 OFFLINE  := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install sandbox test rehearse bench gpu-check lock clean demo demo-full fetch figure2 dashboard wandb-sync $(TABLES)
+.PHONY: install sandbox test rehearse bench gpu-check lock clean demo demo-full frontier fetch figure2 dashboard wandb-sync $(TABLES)
 
 install: $(STAMP)
 
@@ -68,6 +68,11 @@ demo: install
 
 demo-full: install
 	$(OFFLINE) WANDB_MODE=offline $(PIPELINE) experiment=demo_full
+
+# the learning–forgetting frontier (README "The frontier"): `make frontier [ARGS="pipeline.methods=[…]"]` (≤ 75 min)
+# → results/frontier; experiment=frontier_table4 is the same comparison for LLaMA-2 7B on a cluster
+frontier: install
+	$(OFFLINE) WANDB_MODE=offline $(PIPELINE) experiment=frontier
 
 # downloads what an experiment needs (model, data, lm_eval task data, MATH, MBPP+, LoRA-Null's corpus) into the
 # Hugging Face cache: `make fetch experiment=table2 [model=…]` on a node with internet; the tables' first step too

@@ -1,4 +1,5 @@
-"""An experiment's grid: its cells (method × seed, then the untrained base row) and their configs."""
+"""An experiment's grid: its cells (method × seed, or method × learning rate × seed in a sweep, then the untrained
+base row) and their configs."""
 
 from __future__ import annotations
 
@@ -16,17 +17,38 @@ from oplora.graph import Step
 class Cell:
     method: str  # a method config (configs/method/<method>.yaml)
     seed: int
+    lr: float | None = None  # a sweep's learning rate (train.lr); None: the config's own
 
     @property
     def name(self) -> str:
-        return f"{self.method}/seed{self.seed}"
+        return f"{self.method}/{f'lr{self.lr:g}/' if self.lr is not None else ''}seed{self.seed}"
+
+    @property
+    def overrides(self) -> list[str]:
+        lr = [f"train.lr={self.lr!r}"] if self.lr is not None else []
+        return [f"method={self.method}", f"seed={self.seed}", *lr]
+
+
+def sweep_lrs(cfg: DictConfig, method: str) -> list[float] | None:
+    """A sweep's learning rates for a method config (`pipeline.lrs`: {label: [lr, …]}, `default` for the others);
+    None when the experiment is no sweep."""
+    lrs = cfg.pipeline.get("lrs")
+    if not lrs:
+        return None
+    found = lrs.get(method, lrs.get("default"))
+    if not found:
+        raise ValueError(f"pipeline.lrs has no learning rates for {method!r} and no default; it lists "
+                         f"{', '.join(lrs)}")
+    return [float(lr) for lr in found]
 
 
 def grid(cfg: DictConfig, overrides: list[str]) -> dict[Cell, DictConfig]:
-    """Every cell's config: the trained cells (method × seed), then the base row when `pipeline.base`."""
-    cells = [Cell(m, s) for m in cfg.pipeline.methods for s in cfg.pipeline.seeds]
+    """Every cell's config: the trained cells (method × seed, or method × lr × seed in a sweep, `pipeline.lrs`), then
+    the base row when `pipeline.base`."""
+    cells = [Cell(m, s, lr) for m in cfg.pipeline.methods for lr in (sweep_lrs(cfg, m) or [None])
+             for s in cfg.pipeline.seeds]
     cells += [Cell("base", cfg.pipeline.seeds[0])] if cfg.pipeline.base else []
-    configs = {cell: compose([*overrides, f"method={cell.method}", f"seed={cell.seed}"]) for cell in cells}
+    configs = {cell: compose([*overrides, *cell.overrides]) for cell in cells}
     check_run_directories(configs)
     check_compare_to(cfg.pipeline.compare_to, configs)
     return configs
@@ -48,7 +70,8 @@ def check_run_directories(cells: dict[Cell, DictConfig]) -> None:
     shared = "; ".join(f"{', '.join(sorted(names))} → {root}" for root, names in owners.items() if len(names) > 1)
     if shared:
         raise ValueError(f"cells share a run directory ({shared}): every cell needs its own output_dir; keep "
-                         "${method.label} and ${seed} in it (the default ends in ${method.label}/seed${seed})")
+                         "${method.label} and ${seed} in it (the default ends in ${method.label}/seed${seed}), and "
+                         "${train.lr} in a sweep's")
 
 
 def cells_of(step: Step, cells: dict[Cell, DictConfig]) -> list[Cell]:

@@ -41,6 +41,7 @@ from oplora.report import collect
 from oplora.results import ResultsDir
 from oplora.rundir import RunDir
 from oplora.svd import svd_step
+from oplora.sweep import point_configs
 from oplora.train import finished, train
 
 log = logging.getLogger("oplora.pipeline")
@@ -55,7 +56,16 @@ def train_step(cfg: DictConfig) -> bool:
 
 
 def eval_step(cfg: DictConfig) -> bool:
-    return any(ran for _, ran in evaluate(cfg).values())
+    """Evaluate the cell, then (in a sweep) each of its points; a failure of one never hides the others'."""
+    ran, failed = False, []
+    for each in [cfg, *point_configs(cfg)]:
+        try:
+            ran |= any(done for _, done in evaluate(each).values())
+        except Exception as err:  # noqa: BLE001 - raised below, after the other points
+            failed.append(err)
+    if failed:
+        raise failed[0]
+    return ran
 
 
 CELL_ACTIONS = {"train": train_step, "diagnose": diagnose_step, "eval": eval_step}  # each next to its subject

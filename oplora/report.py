@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from oplora import dashboard, paired, spread, tables, tracking
+from oplora import dashboard, paired, spread, sweep, tables, tracking
 from oplora.config import trains
 from oplora.evaluation.cell import current_result, stage_tasks
 from oplora.figures import Drift, figure2, paper_rho
@@ -74,12 +74,18 @@ def log_cell(cfg: DictConfig) -> None:
     tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, rho or {}, files + [run.diagnose] * bool(rho))
 
 
+def row_label(cfg: DictConfig) -> str:
+    """A cell's table row: its method's display name, and in a sweep its learning rate."""
+    return f"{cfg.method.display} (lr {cfg.train.lr:g})" if sweep.is_sweep(cfg) and trains(cfg.method) \
+        else cfg.method.display
+
+
 def method_rows(cfg: DictConfig, cells: dict, stats: dict) -> tuple[dict[str, dict], dict[str, dict], dict]:
-    """Per method (its display name), untrained reference rows first: its columns' means over seeds (from
-    `stats`, oplora.spread: None when a seed is missing), ρ_k of its first seed, and its method config."""
+    """Per row (`row_label`), untrained reference rows first: its columns' means over seeds (from `stats`,
+    oplora.spread: None when a seed is missing), ρ_k of its first seed, and its method config."""
     by_method: dict[str, list] = {}
     for cell_cfg in sorted(cells.values(), key=lambda c: trains(c.method)):  # stable: grid order otherwise
-        by_method.setdefault(cell_cfg.method.display, []).append(cell_cfg)
+        by_method.setdefault(row_label(cell_cfg), []).append(cell_cfg)
     rows = {name: {c.label: stats[name][c.label]["mean"] for c in cfg.eval.columns} for name in by_method}
     rho = {name: found for name, group in by_method.items()
            if trains(group[0].method) and (found := cell_rho(group[0]))}
@@ -95,7 +101,7 @@ def long_rows(cfg: DictConfig, cells: dict) -> list[dict]:
         entries += [(key, "average", value) for key, value in cell_averages(cfg, values).items()]
         entries += [(f"rho/k{k}", "rho", value) for k, value in (cell_rho(cell_cfg) or {}).items()]
         rows += [{"experiment": cfg.experiment_name, "model": cfg.model.name, "data": cfg.data.name,
-                  "method": cell_cfg.method.label, "label": cell_cfg.method.display, "seed": cell_cfg.seed,
+                  "method": cell_cfg.method.label, "label": row_label(cell_cfg), "seed": cell_cfg.seed,
                   "column": column, "role": role, "value": value} for column, role, value in entries]
     return rows
 
@@ -106,7 +112,7 @@ def loss_curves(cells: dict) -> dict[str, dict[int, list[tuple[int, float]]]]:
     for cell_cfg in cells.values():
         record = RunDir(cell_cfg.output_dir).trained_record(cell_hash(cell_cfg)) if trains(cell_cfg.method) else None
         if record:
-            curves.setdefault(cell_cfg.method.display, {})[cell_cfg.seed] = [
+            curves.setdefault(row_label(cell_cfg), {})[cell_cfg.seed] = [
                 (h["step"], h["loss"]) for h in record["log_history"] if "loss" in h]
     return curves
 
@@ -120,7 +126,7 @@ def input_hashes(cells: dict) -> dict[str, str | None]:
         found[str(run.root)] = cell_hash(cell_cfg)
         for path in [*run.eval_results(), run.diagnose]:
             found[str(path)] = file_sha256(path) if path.exists() else None
-    return found
+    return found | sweep.inputs(cells)
 
 
 def cell_failures(cells: dict) -> dict[str, str]:
@@ -230,7 +236,10 @@ def write(cfg: DictConfig, cells: dict, summary: Summary, out: ResultsDir) -> No
                 paper_forgetting={m: published.forget_avg(m) for m in published.rows} if published is not None else {},
                 drift=drift)
     atomic_write_text(out.long, spread.to_csv(summary.long))
-    write_paired(cfg, cells, methods, out, title)
+    if sweep.is_sweep(cfg):  # the frontier's matched-learning table is its comparison with the reference
+        sweep.write(cfg, cells, out, {m.display: m.get("color") for m in methods.values()}, title)
+    else:
+        write_paired(cfg, cells, methods, out, title)
     dashboard.render(stats, loss_curves(cells), [c.label for c in cfg.eval.columns], out.dashboard, colors,
                      title=title)
     atomic_write_text(out.collected, json.dumps({"hash": summary.key, "rows": summary.rows, "stats": stats, "rho": rho,

@@ -8,6 +8,9 @@
       collect.json                      rows, stats over seeds, ρ_k, failures, the inputs' hash, provenance
       paired.md, paired.json            paired differences to pipeline.compare_to
       dashboard.png, dashboard.json     the W&B dashboard's panels drawn locally, and its definition
+      frontier.png, frontier.pdf        a sweep's learning–forgetting frontier (oplora.sweep, oplora.frontier)
+      frontier.md, frontier.json        its forgetting at matched learning, paired per seed; the points
+      points.csv                        one row per run × checkpoint: learning and the forgetting measures
       failed.json                       what failed in the last run (once-steps and cells); absent when nothing did
       partial/                          an incomplete table (same files), when a complete one is here already
       wandb/                            the collect step's offline W&B run (W&B's own directory)
@@ -28,7 +31,8 @@ from pathlib import Path
 from oplora.io import CorruptFile, atomic_write_text, read_json
 
 ARTIFACTS = ("table.md", "table.tex", "table.csv", "paper.md", "figure2.png", "figure2.pdf", "long.csv",
-             "collect.json", "paired.md", "paired.json", "dashboard.png", "dashboard.json")
+             "collect.json", "paired.md", "paired.json", "dashboard.png", "dashboard.json", "frontier.png",
+             "frontier.pdf", "frontier.md", "frontier.json", "points.csv")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class ResultsDir:
     collected = property(lambda self: self.root / "collect.json")
     paired = property(lambda self: self.root / "paired")  # .md, .json
     dashboard = property(lambda self: self.root / "dashboard")  # .png (drawn), .json (the W&B definition)
+    frontier = property(lambda self: self.root / "frontier")  # .png, .pdf, .md, .json
+    points = property(lambda self: self.root / "points.csv")
     failed = property(lambda self: self.root / "failed.json")
     wandb = property(lambda self: self.root / "wandb")
     slurm = property(lambda self: self.root.parent / "slurm")  # beside it: the SLURM job scripts and logs (launch.py)

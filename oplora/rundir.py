@@ -13,6 +13,8 @@
       eval/<stage>/         that stage's per-sample records and work files
       merged/               base + adapter merged for generation (removed after evaluation by default)
       failed/<step>.json    why a pipeline step failed for this cell (removed when the step succeeds)
+      points/step<N>/       a sweep's checkpoint after N steps (train.points): a run directory of its own, with
+                            adapter/, run.json (the cell's config hash, the step) and eval/ (oplora.train, oplora.sweep)
       .<step>.lock          held while a pipeline step works on the cell
       wandb/                the cell's offline W&B train and eval runs (W&B's own directory, oplora.tracking)
       hydra/                Hydra's record of a command run on this cell (configs/train.yaml: hydra.run.dir)
@@ -50,6 +52,10 @@ class RunDir:
     diagnose = property(lambda self: self.root / "diagnose.json")
     merged = property(lambda self: self.root / "merged")
     eval_dir = property(lambda self: self.root / "eval")
+
+    def point(self, step: int) -> RunDir:
+        """The run directory of the cell's checkpoint after `step` optimizer steps (a sweep's evaluation point)."""
+        return RunDir(self.root / "points" / f"step{step}")
 
     def eval_result(self, stage: str) -> Path:
         return self.eval_dir / f"{stage}.json"

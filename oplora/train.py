@@ -221,6 +221,33 @@ class CheckpointOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
+def point_steps(fractions, max_steps: int) -> list[int]:
+    """The optimizer steps at which a sweep's run is also evaluated (`train.points`: fractions of its steps): each
+    fraction of `max_steps` rounded up, before the last step (the final adapter is the cell's own)."""
+    return sorted({min(max(1, math.ceil(float(f) * max_steps)), max_steps) for f in fractions or ()} - {max_steps})
+
+
+class ExportPoints(TrainerCallback):
+    """A sweep's evaluation points: after each of `point_steps` the adapter is exported as at the end, into the
+    point's own run directory (RunDir.point) with its record, so that it is evaluated from there without retraining."""
+
+    def __init__(self, fractions, run: RunDir, method: str, initial: Path | None, record: dict):
+        self.fractions, self.run, self.method, self.initial, self.record = fractions, run, method, initial, record
+        self.steps: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = point_steps(self.fractions, state.max_steps)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and state.is_world_process_zero:
+            point = self.run.point(state.global_step)
+            export_adapter(model, self.method, point.adapter, self.initial)
+            atomic_write_text(point.record, json.dumps({**self.record, "step": state.global_step,
+                                                        "adapter": str(point.adapter),
+                                                        "adapter_sha256": file_sha256(point.adapter_weights)},
+                                                       indent=2))
+
+
 def check_final_weights(trainer: Trainer, step: int) -> None:
     """The logged losses were computed before each step's update: check the weights after the last one (finite,
     and a finite loss on one training batch) before anything is exported."""
@@ -321,7 +348,11 @@ def train(cfg: DictConfig) -> Path:
     model.print_trainable_parameters()
 
     on_signal = CheckpointOnSignal()
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[StopOnNonFinite(), on_signal],
+    identity = {"config_hash": chash, "base_model": model_dir, "base_digest": weights_digest(model_dir),
+                "initial_adapter": str(initial) if initial else None}
+    points = ExportPoints(cfg.train.get("points"), run, settings.method, initial, identity)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set,
+                      callbacks=[StopOnNonFinite(), points, on_signal],  # a broken step stops before its export
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE))
     checkpoint = last_checkpoint(args.output_dir)
     final = checkpoint and final_state(checkpoint)
@@ -329,6 +360,7 @@ def train(cfg: DictConfig) -> Path:
         log.info("%s holds the last step: exporting it without training further", checkpoint)
         set_peft_model_state_dict(model, load_file(Path(checkpoint) / ADAPTER_WEIGHTS))
         metrics, history = final["log_history"][-1], final["log_history"]
+        points.steps = point_steps(cfg.train.get("points"), final["max_steps"])  # exported before the kill
     else:
         log.info("resuming from %s", checkpoint) if checkpoint else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -340,12 +372,10 @@ def train(cfg: DictConfig) -> Path:
 
     if trainer.is_world_process_zero():
         export_adapter(model, settings.method, run.adapter, initial)
-        record = {"config": as_dict(cfg), "config_hash": chash, "base_model": model_dir,
-                  "base_digest": weights_digest(model_dir), "adapter": str(run.adapter),
-                  "adapter_sha256": file_sha256(run.adapter_weights),
-                  "initial_adapter": str(initial) if initial else None,
-                  "train_examples": len(train_set), "world_size": world_size(), "metrics": metrics,
-                  "log_history": history, **provenance()}
+        record = {"config": as_dict(cfg), **identity, "adapter": str(run.adapter),
+                  "adapter_sha256": file_sha256(run.adapter_weights), "train_examples": len(train_set),
+                  "world_size": world_size(), "steps": history[-1]["step"] if history else 0,
+                  "points": points.steps, "metrics": metrics, "log_history": history, **provenance()}
         atomic_write_text(run.record, json.dumps(record, indent=2))
         log.info("adapter written to %s", run.adapter)
     if "wandb" in args.report_to and trainer.is_world_process_zero():

@@ -25,6 +25,7 @@ PEFT_PREFIX = "base_model.model."  # what PEFT puts before the wrapped model's m
 # pipeline.compare_to), how tables and figures show it, where it lives outside oplora.methods, whether it trains
 IDENTITY = ("name", "label", "display", "color", "module", "trained")
 PRESENTATION = ("display", "color")  # of those, how it is shown only: never part of what a cell computes
+OWN_DROPOUT = "lora_dropout"  # a method config may set its own dropout instead of the train group's (PiSSA's code: 0)
 
 
 @dataclass(frozen=True)
@@ -145,12 +146,14 @@ def shared_config() -> list[str]:
 
 
 def adapter_settings(cfg: DictConfig) -> AdapterSettings:
-    """The adapter a cell trains: the train group's rank, alpha, dropout and the method config's own options."""
+    """The adapter a cell trains: the train group's rank, alpha, dropout (or the method config's own `lora_dropout`)
+    and the method config's own options."""
     method = method_of(cfg.method)
-    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in IDENTITY}
+    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items()
+               if k not in (*IDENTITY, OWN_DROPOUT)}
     settings = AdapterSettings(method=method.name, r=cfg.train.lora_r, alpha=cfg.train.lora_alpha,
-                               dropout=cfg.train.lora_dropout, target_modules=tuple(cfg.model.target_modules),
-                               options=options)
+                               dropout=cfg.method.get(OWN_DROPOUT, cfg.train.lora_dropout),
+                               target_modules=tuple(cfg.model.target_modules), options=options)
     method.options(settings)  # unknown settings fail here, before anything loads
     return settings
 
