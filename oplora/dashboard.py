@@ -24,6 +24,7 @@ from oplora import tracking
 from oplora.config import CONFIG_DIR
 from oplora.figures import RHO_FLOOR, method_colors
 from oplora.figures import save as save_figure
+from oplora.grid import is_sweep
 from oplora.io import atomic_write_text, content_hash
 from oplora.results import ResultsDir
 
@@ -41,7 +42,8 @@ def view_name(project: str, experiment: str, model: str, data: str) -> str:
     return f"nw-oplora{content_hash([project, experiment, model, data])[:12]}-v"
 
 
-def workspace(entity: str, project: str, experiment: str, model: str, data: str, columns: list[str], k: int = 16):
+def workspace(entity: str, project: str, experiment: str, model: str, data: str, columns: list[str], k: int = 16,
+              frontier: bool = False):
     """The workspace (a `wandb_workspaces.workspaces.Workspace`); builds offline, saved by `save`."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
@@ -66,6 +68,11 @@ def workspace(entity: str, project: str, experiment: str, model: str, data: str,
         ws.Section(name="Training", is_open=True, panels=[
             wr.LinePlot(title="training loss", x="train/global_step", y=["train/loss"], **by_method)]),
     ]
+    if frontier:  # a sweep: every run's points, forgetting against learning, and the collect run's frontier figure
+        sections.insert(0, ws.Section(name="Learning–forgetting frontier", is_open=True, panels=[
+            wr.LinePlot(title="forgetting against learning: each run along its checkpoints", x="frontier/learning",
+                        y=["frontier/forgetting"], log_y=True, title_x="learning", title_y="forgetting"),
+            wr.MediaBrowser(title="the frontier and the matched-learning level (collect)", media_keys=["frontier"])]))
     selected = [expr.Config("experiment") == experiment, expr.Config("model_name") == model,
                 expr.Config("data_name") == data]
     runs = ws.RunsetSettings(filters=selected,
@@ -99,7 +106,7 @@ def publish(cfg: DictConfig) -> str | None:
     online = tracking.effective_mode(cfg.wandb.mode) == "online"
     entity = cfg.wandb.entity or (tracking.default_entity() if online else "")
     view = workspace(entity, cfg.wandb.project, cfg.experiment_name, cfg.model.name, cfg.data.name,
-                     [c.label for c in cfg.eval.columns], figure_k(cfg.pipeline.rho_ks))
+                     [c.label for c in cfg.eval.columns], figure_k(cfg.pipeline.rho_ks), is_sweep(cfg))
     path = atomic_write_text(ResultsDir(cfg.pipeline.results_dir).dashboard.with_suffix(".json"), to_json(view))
     print(f"W&B dashboard definition written to {path}")
     if online:

@@ -29,12 +29,22 @@ class Cell:
         return [f"method={self.method}", f"seed={self.seed}", *lr]
 
 
+def is_sweep(cfg: DictConfig) -> bool:
+    """Whether the experiment is a learning-rate sweep (`pipeline.lrs`)."""
+    return bool(cfg.pipeline.get("lrs"))
+
+
+def sweep_lr(cfg: DictConfig) -> float | None:
+    """A sweep cell's learning rate, the axis beside method and seed (None outside a sweep and for the base row)."""
+    return float(cfg.train.lr) if is_sweep(cfg) and trains(cfg.method) else None
+
+
 def sweep_lrs(cfg: DictConfig, method: str) -> list[float] | None:
     """A sweep's learning rates for a method config (`pipeline.lrs`: {label: [lr, …]}, `default` for the others);
     None when the experiment is no sweep."""
-    lrs = cfg.pipeline.get("lrs")
-    if not lrs:
+    if not is_sweep(cfg):
         return None
+    lrs = cfg.pipeline.lrs
     found = lrs.get(method, lrs.get("default"))
     if not found:
         raise ValueError(f"pipeline.lrs has no learning rates for {method!r} and no default; it lists "

@@ -22,6 +22,7 @@ from oplora import dashboard, paired, spread, sweep, tables, tracking
 from oplora.config import trains
 from oplora.evaluation.cell import current_result, stage_tasks
 from oplora.figures import Drift, figure2, paper_rho
+from oplora.grid import is_sweep, sweep_lr
 from oplora.io import CorruptFile, atomic_write_text, content_hash, file_sha256, read_json
 from oplora.record import as_dict, cell_hash, provenance
 from oplora.results import ResultsDir
@@ -67,17 +68,21 @@ def cell_averages(cfg: DictConfig, values: dict[str, float | None]) -> dict[str,
     return tables.averages([values[c.label] for c in cfg.eval.columns], [c.role for c in cfg.eval.columns])
 
 
-def log_cell(cfg: DictConfig) -> None:
-    """The cell's W&B eval run (oplora.tracking.log_eval), with its current result files only."""
+def log_cell(cfg: DictConfig, points: list[dict] = ()) -> None:
+    """The cell's W&B eval run (oplora.tracking.log_eval), with its current result files only, and in a sweep its
+    points (their rows of points.csv) as history rows `frontier/*`."""
     values, rho, run = cell_values(cfg), cell_rho(cfg), RunDir(cfg.output_dir)
     files = [run.eval_result(stage) for stage in stage_tasks(cfg.eval.columns) if current_result(cfg, stage)]
-    tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, rho or {}, files + [run.diagnose] * bool(rho))
+    history = [{f"frontier/{k}": p[k] for k in ("step", "learning", "forgetting", "nll_increase", "forget_avg")}
+               for p in points]
+    tracking.log_eval(cfg, {**values, **cell_averages(cfg, values)}, rho or {}, files + [run.diagnose] * bool(rho),
+                      history)
 
 
 def row_label(cfg: DictConfig) -> str:
     """A cell's table row: its method's display name, and in a sweep its learning rate."""
-    return f"{cfg.method.display} (lr {cfg.train.lr:g})" if sweep.is_sweep(cfg) and trains(cfg.method) \
-        else cfg.method.display
+    lr = sweep_lr(cfg)
+    return cfg.method.display if lr is None else f"{cfg.method.display} (lr {lr:g})"
 
 
 def method_rows(cfg: DictConfig, cells: dict, stats: dict) -> tuple[dict[str, dict], dict[str, dict], dict]:
@@ -207,8 +212,10 @@ def collect(cfg: DictConfig, cells: dict) -> bool:
     else:
         print(f"{results.root} holds a complete table and is kept; this run's incomplete one is in {out.root}")
     if tracking.effective_mode(cfg.wandb.mode) != "disabled":
+        points = sweep.collect_points(cfg, cells)[2] if is_sweep(cfg) else []
         for cell_cfg in cells.values():
-            log_cell(cell_cfg)
+            log_cell(cell_cfg, [p for p in points if (p["method"], p["lr"], p["seed"]) ==
+                                (cell_cfg.method.label, sweep_lr(cell_cfg), cell_cfg.seed)])
         log_table(cfg, cells, summary.stats, out)
     return True
 
@@ -236,7 +243,7 @@ def write(cfg: DictConfig, cells: dict, summary: Summary, out: ResultsDir) -> No
                 paper_forgetting={m: published.forget_avg(m) for m in published.rows} if published is not None else {},
                 drift=drift)
     atomic_write_text(out.long, spread.to_csv(summary.long))
-    if sweep.is_sweep(cfg):  # the frontier's matched-learning table is its comparison with the reference
+    if is_sweep(cfg):  # the frontier's matched-learning table is its comparison with the reference
         sweep.write(cfg, cells, out, {m.display: m.get("color") for m in methods.values()}, title)
     else:
         write_paired(cfg, cells, methods, out, title)

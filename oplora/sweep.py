@@ -36,10 +36,6 @@ POINT_COLUMNS = ("method", "label", "lr", "seed", "step", "learning", "score", "
                  "forget_avg")
 
 
-def is_sweep(cfg: DictConfig) -> bool:
-    return bool(cfg.pipeline.get("lrs"))
-
-
 def point_configs(cfg: DictConfig) -> list[DictConfig]:
     """The configs of a trained cell's evaluation points (its config with `output_dir` the point's run directory),
     from the steps its training recorded; none outside a sweep."""

@@ -14,7 +14,9 @@ Every run carries the config fields of FIELDS (a cell's run also its method's ow
 means and error bars over `seed`. Metric keys:
 - train runs: `train/loss`, `train/global_step` (the HF Trainer's callback);
 - eval runs: `eval/<column>`, `eval/finetune_avg`, `eval/forget_avg`, `eval/avg`, `rho/k<k>` (summary), and one
-  history row per k with `rho_curve/k`, `rho_curve/rho` (figure 2a);
+  history row per k with `rho_curve/k`, `rho_curve/rho` (figure 2a); in a sweep, one history row per point (run ×
+  checkpoint) with `frontier/step`, `frontier/learning`, `frontier/forgetting`, `frontier/nll_increase`,
+  `frontier/forget_avg` (the frontier, oplora.sweep);
 - the collect run: `table` (wandb.Table: means and standard errors over seeds), `forget_avg` (bar chart),
   `figure2` and `dashboard` (images).
 Artifacts: `adapter-<cell>` (type adapter, logged by the train run, always a file:// reference: checksummed, never
@@ -36,13 +38,15 @@ import hydra
 from omegaconf import DictConfig
 
 from oplora.config import CONFIG_DIR, trains
+from oplora.grid import sweep_lr
 from oplora.io import content_hash
 from oplora.methods import adapter_settings, get_method
 from oplora.record import as_dict, config_hash, git_commit
 from oplora.rundir import RunDir
 
 log = logging.getLogger("oplora.tracking")
-FIELDS = ("experiment", "model_name", "data_name", "method_label", "lora_r", "seed", "git_commit", "config_hash")
+FIELDS = ("experiment", "model_name", "data_name", "method_label", "learning_rate", "lora_r", "seed", "git_commit",
+          "config_hash")
 MODES = ("auto", "online", "offline", "disabled")
 ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names for the two modes
 
@@ -88,8 +92,9 @@ def is_cell(job_type: str) -> bool:
 
 
 def run_name(cfg: DictConfig, job_type: str) -> str:
-    experiment = f"{cfg.experiment_name}/{cfg.model.name}"
-    return f"{experiment}/{cfg.data.name}/{cfg.method.label}/seed{cfg.seed}" if is_cell(job_type) else \
+    experiment, lr = f"{cfg.experiment_name}/{cfg.model.name}", sweep_lr(cfg)
+    swept = f"lr{lr:g}/" if lr is not None else ""
+    return f"{experiment}/{cfg.data.name}/{cfg.method.label}/{swept}seed{cfg.seed}" if is_cell(job_type) else \
         f"{experiment}/collect"
 
 
@@ -116,6 +121,7 @@ def run_config(cfg: DictConfig, job_type: str) -> dict:
     trained = trains(cfg.method)
     return {**as_dict(cfg), "experiment": cfg.experiment_name, "model_name": cfg.model.name,
             "data_name": cfg.data.name, "method_label": cfg.method.label,
+            "learning_rate": float(cfg.train.lr) if trained else None,
             "lora_r": cfg.train.lora_r if trained else None, "seed": cfg.seed, "git_commit": git_commit(),
             "config_hash": config_hash(cfg), **method_fields(cfg)}
 
@@ -151,7 +157,9 @@ def start(cfg: DictConfig, job_type: str, directory: str | Path):
 def artifact_name(kind: str, cfg: DictConfig, cell: bool = True) -> str:
     """`<kind>-<experiment>-<model>[-<data>-<method>-seed<N>]`, in the characters W&B allows."""
     parts = [kind, cfg.experiment_name, cfg.model.name]
-    parts += [cfg.data.name, cfg.method.label, f"seed{cfg.seed}"] if cell else []
+    lr = sweep_lr(cfg) if cell else None
+    parts += [cfg.data.name, cfg.method.label, *([f"lr{lr:g}"] if lr is not None else []), f"seed{cfg.seed}"] \
+        if cell else []
     return re.sub(r"[^\w.-]", "-", "-".join(map(str, parts)))
 
 
@@ -182,9 +190,10 @@ def finish_train(cfg: DictConfig, adapter: Path) -> None:
                     type(err).__name__, err)
 
 
-def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, float], files: list[Path]) -> None:
+def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, float], files: list[Path],
+             history: list[dict] = ()) -> None:
     """One eval run per cell: summary keys, the ρ_k curve, its results artifact (`files`: the cell's current result
-    files, as the table reads them) and, online, its adapter."""
+    files, as the table reads them), `history` rows (a sweep's points: `frontier/*`) and, online, its adapter."""
     import wandb
 
     run = start(cfg, "eval", cfg.output_dir)
@@ -196,6 +205,8 @@ def log_eval(cfg: DictConfig, values: dict[str, float | None], rho: dict[int, fl
         run.log(summary)
         for k in sorted(rho):
             run.log({"rho_curve/k": k, "rho_curve/rho": rho[k]})
+        for row in history:
+            run.log(row)
         run.summary.update(summary)
         if trains(cfg.method) and not run.offline:
             use(run, artifact_name("adapter", cfg))

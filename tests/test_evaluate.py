@@ -152,6 +152,10 @@ def test_math_stage_on_gsm8k_rows_from_the_registry(smollm2, tmp_path):
     assert [s["question"] for s in samples] == [r["question"] for r in rows]
     assert any(s["completion"] for s in samples)  # greedy text was generated (an instruct model may stop at once)
     assert metric["value"] == sum(s["correct"] for s in samples) / 2
+    assert [s["doc_id"] for s in samples] == [0, 1] and all(s["exact_match"] == s["correct"] for s in samples)
+    from oplora.paired import items  # per question, as paired differences and a frontier read them
+
+    assert items(cfg, cfg.eval.columns[0]) == {str(i): 100 * s["exact_match"] for i, s in enumerate(samples)}
 
 
 def test_bad_evaluation_input_is_refused_with_the_reason(run, tasks, tmp_path):

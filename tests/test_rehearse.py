@@ -52,10 +52,11 @@ def hub(tmp_path_factory):
                "env": {**hub_env(root / "hf", endpoint), "XDG_CACHE_HOME": str(root / "xdg"), "OMP_NUM_THREADS": "1"}}
 
 
-def pipeline(hub, experiment: str, *extra: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+def pipeline(hub, experiment: str, *extra: str, env: dict | None = None,
+             cell_dir: str = "${method.label}/seed${seed}") -> tuple[subprocess.CompletedProcess, Path]:
     out = hub["root"] / experiment
     command = [sys.executable, "-m", "oplora.pipeline", f"experiment={experiment}", *SIZES,
-               f"output_dir={out}/runs/${{method.label}}/seed${{seed}}", f"pipeline.results_dir={out}/tables",
+               f"output_dir={out}/runs/{cell_dir}", f"pipeline.results_dir={out}/tables",
                f"cache_dir={hub['root']}/cache", *extra]
     done = subprocess.run(command, env=env or hub["env"], cwd=REPO, capture_output=True, text=True)
     return done, out
@@ -109,8 +110,10 @@ def runs(hub):
     no_cluster = start_cluster()
     with ThreadPoolExecutor(2) as local, ThreadPoolExecutor(1) as slurm:
         table5 = None if no_cluster else slurm.submit(slurm_table5, hub)
+        sweep = local.submit(pipeline, hub, "frontier_table4", *SWEEP,
+                             cell_dir="${method.label}/lr${train.lr}/seed${seed}")
         tables = dict(zip(LOCAL, local.map(lambda e: pipeline(hub, e), LOCAL), strict=True))
-        return {**tables, "table5": table5.result() if table5 else no_cluster}
+        return {**tables, "frontier_table4": sweep.result(), "table5": table5.result() if table5 else no_cluster}
 
 
 @pytest.mark.parametrize("experiment", LOCAL)
@@ -123,6 +126,22 @@ def test_table_from_the_hub_end_to_end(hub, runs, experiment):
     assert (out / "tables" / "paper.md").exists()  # compared with the paper's own table
     snapshots = hub["root"] / "hf" / "hub"
     assert not list(snapshots.glob("models--*/snapshots/*/*.bin"))  # only the safetensors weights are fetched
+
+
+SWEEP = ["pipeline.seeds=[1]", "pipeline.methods=[lora,pissa]"]  # LoRA's three learning rates and PiSSA's one
+
+
+def test_the_table4_frontier_from_the_hub_end_to_end(runs):
+    """experiment=frontier_table4 with its real config (LLaMA-2 7B's id, MetaMathQA, GSM8K as the learning axis, the KL
+    on held-out text), two of its methods and one seed: every run evaluated at its point and at its end."""
+    done, out = runs["frontier_table4"]
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    points = (out / "tables" / "points.csv").read_text().splitlines()
+    assert len(points) == 1 + (3 + 1) * 2  # header; LoRA at 3 lrs and PiSSA at its reference lr, each at 2 points
+    matched = json.loads((out / "tables" / "frontier.json").read_text())["matched"]
+    assert matched["reference"] == "LoRA" and matched["target"]["lr"] in (1e-4, 3e-4, 6e-4)
+    assert (out / "tables" / "frontier.png").exists()
 
 
 def test_a_second_fetch_downloads_nothing(hub, runs):

@@ -71,3 +71,18 @@ def test_a_reduced_frontier_runs_end_to_end_and_resumes(tmp_path):
 
     again = run(compose(*overrides), overrides)  # a rerun resumes: nothing is trained or evaluated twice
     assert not again["ran"]["train"] and not again["ran"]["eval"] and again["skipped"]["collect"] == ["all"]
+
+
+def test_sweep_cells_have_their_own_wandb_runs_and_the_dashboard_draws_the_frontier():
+    from oplora.dashboard import to_json, workspace
+    from oplora.tracking import artifact_name, run_config, run_id, run_name
+
+    overrides = ["experiment=frontier", "pipeline.methods=[lora]", "pipeline.seeds=[1]"]
+    cells = list(grid(compose(*overrides), overrides).values())
+    assert len({run_id(c, "eval") for c in cells}) == len({artifact_name("results", c) for c in cells}) == len(cells)
+    assert run_name(cells[0], "eval").endswith("/lora/lr0.001/seed1")
+    assert run_config(cells[0], "eval")["learning_rate"] == 1e-3 and run_config(cells[-1], "eval")["learning_rate"] \
+        is None  # the base row
+    view = to_json(workspace("", "oplora", "frontier", "smollm2-135m", "demo-continents", ["KL ×100"], frontier=True))
+    assert "frontier/learning" in view and "frontier/forgetting" in view and '"frontier"' in view
+    assert "frontier/learning" not in to_json(workspace("", "oplora", "demo", "m", "d", ["KL ×100"]))

@@ -114,14 +114,16 @@ def score(spec: dict, rows: list[dict], completions: list[str]) -> tuple[list[di
     samples = []
     for i, (row, completion) in enumerate(zip(rows, completions, strict=True)):
         gold = gold_of(row[spec["answer"]])
-        samples.append({"index": i, "question": row[spec["question"]], "gold": gold, "completion": completion,
-                        "prediction": prediction_of(completion), "correct": correct(completion, gold)})
+        right = correct(completion, gold)
+        samples.append({"doc_id": i, "question": row[spec["question"]], "gold": gold, "completion": completion,
+                        "prediction": prediction_of(completion), "correct": right, "exact_match": float(right)})
     return samples, sum(s["correct"] for s in samples) / max(len(samples), 1)
 
 
 @register
 class Math(Stage):
     name = "math"
+    version = 2  # 2: samples keyed by doc_id with their exact_match, as paired differences and a frontier read them
     generates = True
 
     def __init__(self, *args, **kwargs):
