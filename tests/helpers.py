@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from oplora.config import CONFIG_DIR
 from oplora.config import compose as compose_overrides
 from oplora.methods import AdapterSettings, build
-from oplora.methods.base import IDENTITY, shared_config
+from oplora.methods.base import IDENTITY, OWN_DROPOUT, shared_config
 from oplora.slurm import available
 from oplora.svd import SVDCache
 
@@ -37,12 +37,13 @@ def settings(method: str, calibration_file=None, **overrides) -> AdapterSettings
 def method_configs() -> dict[str, tuple[str, dict]]:
     """{config: (method name, options)} of every method config that trains (configs/method/*.yaml), the options
     resized for the tiny models (TINY) and without the shared blocks a method reads (LoRA-Null's calibration corpus
-    comes from `settings`): the cases of the method tests, so a new config or method is tested without a test edit."""
+    comes from `settings`, the dropout from the test's own): the cases of the method tests, so a new config or
+    method is tested without a test edit."""
     found = {}
     for path in sorted((Path(CONFIG_DIR) / "method").glob("*.yaml")):
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         if config.get("trained", True):
-            options = {k: v for k, v in config.items() if k not in IDENTITY and k not in shared_config()}
+            options = {k: v for k, v in config.items() if k not in (*IDENTITY, OWN_DROPOUT, *shared_config())}
             found[path.stem] = (config["name"], {**options, **TINY.get(path.stem, {})})
     return found
 

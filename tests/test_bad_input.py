@@ -32,7 +32,7 @@ def test_k_at_least_min_dimension(tiny_dirs, tmp_path):
 
 
 def test_oplora_without_k(tiny_dirs, tmp_path):
-    refused(tiny_dirs, settings("oplora"), "needs a projection rank k", tmp_path)
+    refused(tiny_dirs, settings("oplora"), "needs exactly one of k .the projection rank", tmp_path)
 
 
 def test_rank_larger_than_matrix(tiny_dirs, tmp_path):

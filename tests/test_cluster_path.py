@@ -2,6 +2,7 @@
 sacct, resources per step. (The whole path end to end is rehearsed in test_rehearse.py.)"""
 
 import json
+import shutil
 import os
 import shlex
 import signal
@@ -174,7 +175,10 @@ def test_fetch_loads_code_tasks_without_the_sandbox(tmp_path, monkeypatch, caplo
     (tmp_path / "toy_code.yaml").write_text(CODE_TASK.format(data=tmp_path / "rows.jsonl"))
     self_test = 'pass_at_k.compute(references=["assert add(2, 3)==5"], predictions=[["def add(a,b): return a*b"]])\n'
     (tmp_path / "utils.py").write_text(CODE_UTILS + self_test)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap
+    tools = tmp_path / "bin"  # a login node: util-linux (prlimit) but no bwrap
+    tools.mkdir()
+    (tools / "prlimit").symlink_to(shutil.which("prlimit"))
+    monkeypatch.setenv("PATH", str(tools))
     sandbox._probe.cache_clear()
     try:
         (item,) = lm_eval_items({"toy_code": ("Code",)}, [str(tmp_path)], "bwrap")

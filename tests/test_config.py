@@ -69,7 +69,8 @@ def test_every_experiment_model_method_resolves(experiment, model, tmp_path):
         settings = adapter_settings(cfg)
         assert settings.r == cfg.train.lora_r and settings.target_modules == tuple(cfg.model.target_modules)
         assert settings.options.get("k") == {"oplora16": 16, "oplora128": 128}.get(method)
-        assert str(cfg.output_dir).endswith(f"{model}/{cfg.data.name}/{cfg.method.label}/seed42")
+        lr = f"/lr{cfg.train.lr}" if cfg.pipeline.get("lrs") else ""  # a sweep's cells differ by lr too
+        assert str(cfg.output_dir).endswith(f"{model}/{cfg.data.name}/{cfg.method.label}{lr}/seed42")
         hashes.add(config_hash(cfg))
     assert len(hashes) == len(METHODS)
 

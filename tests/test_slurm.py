@@ -196,8 +196,10 @@ def test_each_cell_is_evaluated_when_its_own_training_ends(cluster, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     stamp = 'echo "$(date +%s.%N)" > "$OUT/{step}-${{SLURM_ARRAY_TASK_ID:-x}}"'
-    commands = {"train": 'sleep $(( SLURM_ARRAY_TASK_ID == 0 ? 12 : 1 )); ' + stamp + '; '
-                         '[ "$SLURM_ARRAY_TASK_ID" != 2 ]'}  # cell 0 trains slowly, cell 2 fails
+    # cell 0 trains until cell 1's eval and the base row's eval have run (at most 90 s), cell 2 fails
+    slow = ('for i in $(seq 180); do [ -e "$OUT/eval-1" ] && [ -e "$OUT/eval-base-0" ] && break; sleep 0.5; done')
+    commands = {"train": f'if [ "$SLURM_ARRAY_TASK_ID" = 0 ]; then {slow}; else sleep 1; fi; ' + stamp + '; '
+                         '[ "$SLURM_ARRAY_TASK_ID" != 2 ]'}
     jobs = pipeline_jobs("python", [], cells("lora", "pissa", "milora", "base"), gpus=0)
     assert {j.name: (j.array, j.after, j.dependency) for j in jobs} == {
         "svd": (None, (), "afterany"), "train": (3, ("svd",), "afterany"), "diagnose": (3, ("train",), "aftercorr"),

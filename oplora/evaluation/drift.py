@@ -62,10 +62,11 @@ def load(model_dir: str, target: Target, adapter: str | None = None):
 @torch.no_grad()
 def token_kl(base, tuned, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the mean over its real positions of KL(base ‖ tuned) of the next-token distributions, and the
-    mean over its real next tokens of the tuned model's negative log-likelihood minus the base model's (nats)."""
+    mean over its real next tokens of the tuned model's negative log-likelihood minus the base model's (nats). A
+    position's KL is ≥ 0; float rounding can give −1e-7 where the models (nearly) agree, set to 0."""
     log_p = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     log_q = torch.log_softmax(tuned(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
     following = mask[:, 1:]  # positions whose next token is real text
     gain = (log_p[:, :-1] - log_q[:, :-1]).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (kl * mask).sum(1) / mask.sum(1), (gain * following).sum(1) / following.sum(1).clamp(min=1)
