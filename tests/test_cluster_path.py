@@ -2,9 +2,9 @@
 sacct, resources per step. (The whole path end to end is rehearsed in test_rehearse.py.)"""
 
 import json
-import shutil
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys

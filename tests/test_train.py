@@ -159,7 +159,8 @@ def test_wandb_offline_run_has_config_tags_metrics_and_the_adapter(data_files, c
     record = json.loads((out / "run.json").read_text())
     assert {k: run["config"][k] for k in tracking.FIELDS} == {
         "experiment": "wbtest", "model_name": "tiny-llama", "data_name": "metamath100k", "method_label": "oplora16",
-        "learning_rate": 3e-4, "lora_r": 8, "seed": 7, "git_commit": record["git_commit"], "config_hash": record["config_hash"]}
+        "learning_rate": 3e-4, "lora_r": 8, "seed": 7, "git_commit": record["git_commit"],
+        "config_hash": record["config_hash"]}
     assert run["config"]["method_k"] == 16  # the method's own fields (Method.summary)
     assert [h["train/global_step"] for h in run["history"] if "train/loss" in h] == [1, 2, 3]
     assert run["summary"]["train/global_step"] == 3 and run["summary"]["train_loss"] > 0
