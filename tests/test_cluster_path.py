@@ -52,7 +52,7 @@ def test_sigusr1_saves_a_checkpoint_and_the_rerun_resumes(data_files, calibratio
     """SLURM's warning before the time limit: training checkpoints at the end of the step it is in and stops
     (Preempted, nothing exported); the same command (the requeued job) resumes from that checkpoint."""
     out = tmp_path / "run"
-    args = [a.replace("train.max_steps=3", "train.max_steps=60") for a in overrides(
+    args = [a.replace("train.max_steps=3", "train.max_steps=20") for a in overrides(
         data_files, calibration_file, out, "oplora16", "tiny-llama", "train.save_steps=1000")]
     command = [sys.executable, "-m", "oplora.train", *args]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
@@ -67,11 +67,11 @@ def test_sigusr1_saves_a_checkpoint_and_the_rerun_resumes(data_files, calibratio
     log = "".join(lines)
     assert child.wait() != 0 and "Preempted: stopped on SIGUSR1 at step" in log, log[-3000:]
     (checkpoint,) = (out / "checkpoints").glob("checkpoint-*")
-    assert 0 < int(checkpoint.name.rsplit("-", 1)[1]) < 60 and not (out / "run.json").exists()
+    assert 0 < int(checkpoint.name.rsplit("-", 1)[1]) < 20 and not (out / "run.json").exists()
     resumed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {checkpoint}" in resumed.stdout + resumed.stderr
-    assert json.loads((out / "run.json").read_text())["log_history"][-1]["step"] == 60
+    assert json.loads((out / "run.json").read_text())["log_history"][-1]["step"] == 20
 
 
 # A step's process (python -c PROGRAM DIR): it marks its start; on its first run it waits for SIGUSR1, marks it

@@ -128,7 +128,8 @@ def test_table_from_the_hub_end_to_end(hub, runs, experiment):
     assert not list(snapshots.glob("models--*/snapshots/*/*.bin"))  # only the safetensors weights are fetched
 
 
-SWEEP = ["pipeline.seeds=[1]", "pipeline.methods=[lora,pissa]"]  # LoRA's three learning rates and PiSSA's one
+SWEEP = ["pipeline.seeds=[1]", "pipeline.methods=[lora,pissa]",  # LoRA's three learning rates and PiSSA's one
+         "eval.kl.limit=4"]
 
 
 def test_the_table4_frontier_from_the_hub_end_to_end(runs):
