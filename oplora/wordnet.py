@@ -33,6 +33,7 @@ from pathlib import Path
 
 from oplora import artifacts
 from oplora.cache import Cache
+from oplora.demo_data import MC_TASK
 from oplora.io import build_once, file_sha256
 
 VERSION = 3
@@ -46,24 +47,6 @@ POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
 SENSE_POS = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "a"}  # sense keys' ss_type → the file it lives in
 WORD = re.compile(r"^[a-z]+$")
 TASKS = ("wordnet_definitions", "wordnet_hypernyms", "wordnet_antonyms", "wordnet_examples")
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-metadata:
-  version: {version}
-  source: {source}
-"""
 
 
 @dataclass
@@ -338,9 +321,9 @@ def make(root: Path, final: Path) -> None:
         docs = docs[:QUESTIONS]
         used |= {d["id"].split(".")[0] for d in docs}
         write_jsonl(root / f"{name}.jsonl", docs)
-        (root / f"{name}.yaml").write_text(TASK_YAML.format(
-            name=name, data=final / f"{name}.jsonl", version=VERSION,
-            source=json.dumps(f"{origin.requirement} ({origin.filename}, sha256:{origin.sha256})")))
+        origin_line = json.dumps(f"{origin.requirement} ({origin.filename}, sha256:{origin.sha256})")
+        (root / f"{name}.yaml").write_text(MC_TASK.format(name=name, data=final / f"{name}.jsonl", version=VERSION,
+                                                          delimiter=" ") + f"  source: {origin_line}\n")
         source["tasks"][name] = {"documents": len(docs)}
     write_jsonl(root / "heldout.jsonl", heldout(wordnet, used))
     (root / "SOURCE.json").write_text(json.dumps(source, indent=2))
