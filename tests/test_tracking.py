@@ -12,6 +12,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 import pytest
+import wandb
 from test_train import overrides
 
 from helpers import compose
@@ -82,6 +83,7 @@ def test_wandb_that_cannot_start_never_fails_training(no_credentials, monkeypatc
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")  # seconds before wandb.init gives up (its default: 90)
+    wandb.teardown()  # W&B reads the environment once per process: an earlier test's singleton would keep 90 s
     out = tmp_path / "online"
     cfg = compose(*overrides(data_files, calibration_file, out, "lora"), "wandb=online")
     train(cfg)
