@@ -63,7 +63,7 @@ $(TABLES): install
 figure2: install  # figure 2 of the paper: LLaMA-2 7B on MetaMathQA (table 4's grid: the paper's statement holds there)
 	$(PIPELINE) experiment=$(or $(experiment),table4)
 
-# the embedded demo (README "The demo"): `make demo` (≈ 15 min) → results/demo/quick, `make demo-full` → results/demo/full
+# the embedded demo (README "The demo"): `make demo` (≈ 10 min) → results/demo/quick, `make demo-full` → results/demo/full
 demo: install
 	$(OFFLINE) WANDB_MODE=offline $(PIPELINE) experiment=demo
 
