@@ -53,7 +53,7 @@ test: install  # always offline: a WANDB_MODE of the caller's shell does not app
 
 # the cluster path rehearsed offline: tables 2-7 with their real configs and hub ids from a local fake hub (tiny
 # models), fetch → SLURM-free run → tables, and one experiment on the local SLURM with a failing cell (make test runs
-# tables 2, 5, 6 and the table-4 frontier of it)
+# tables 2, 5 and the table-4 frontier of it)
 rehearse: install
 	$(OFFLINE) WANDB_MODE=offline OPLORA_REHEARSE=all $(BIN)/python -m pytest tests/test_rehearse.py $(PYTEST_ARGS)
 

@@ -77,8 +77,7 @@ def launch(args: list[str], processes: int, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, **kwargs)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, processes", [(m, 2) for m in METHODS] + [("oplora16", 1)])  # alone: any method
 def test_deepspeed_zero2(method, processes, data_files, calibration_file, tiny_dirs, tmp_path):
     out = tmp_path / "run"
     args = overrides(data_files, calibration_file, out, method, "tiny-llama", "deepspeed=zero2")
