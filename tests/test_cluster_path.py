@@ -103,7 +103,9 @@ def requeued_on_sigusr1(steps: list[Step], started: dict[str, list[Path]], tmp_p
                 break
             time.sleep(0.5)
         assert all(s in shown for s in requeued), shown  # requeued by its own script
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the delay
+        # skip the requeue delay, but not into the second of the kill: slurmd refuses a credential issued in the
+        # second it revoked the job's last one ("Job credential revoked"), and the job ends FAILED
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True)
     assert wait(list(ids.values()), timeout=120, poll=1) == dict.fromkeys(ids.values(), "COMPLETED")
     logs = {step.name: next((tmp_path / "logs").glob(f"sig-{step.name}-*.out")).read_text() for step in steps}
     assert all(log.count("host=") == 2 for log in logs.values()), logs
