@@ -1,9 +1,7 @@
 """The KL stage (the demo's continuous forgetting score) and the paired bootstrap of oplora.paired."""
 
-import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,12 +151,11 @@ def test_paired_interval_is_a_t_interval_over_seeds_beside_a_conditional_bootstr
 
 
 def test_paired_table_of_the_full_demo_loses_the_kl_star_of_lora_null(tmp_path):
-    """results/demo/full/long.csv: LoRA-Null − LoRA in KL ×100 per seed is +242.1, +423.4, +796.0. The bootstrap
-    over seeds and questions gave [+243, +791]*; over the three seeds the t-interval is [−214, +1189], no star."""
-    with open(Path(__file__).parents[1] / "results/demo/full/long.csv", encoding="utf-8") as f:
-        long = [r for r in csv.DictReader(f) if r["column"] == "KL ×100"]
-    kl = {label: {int(r["seed"]): float(r["value"]) for r in long if r["label"] == label}
-          for label in ("LoRA", "LoRA-Null")}
+    """The SIQA-era full demo (results/demo/full/long.csv at 58a19f8): LoRA-Null − LoRA in KL ×100 per seed is
+    +242.1, +423.4, +796.0. The bootstrap over seeds and questions gave [+243, +791]*; over the three seeds the
+    t-interval is [−214, +1189], no star."""
+    kl = {"LoRA": {1: 136.5125592648983, 2: 175.31695783138275, 3: 187.05041381716728},
+          "LoRA-Null": {1: 378.62662518024445, 2: 598.7311198711395, 3: 983.0921890735626}}
     rng = np.random.default_rng(0)
     columns = [{"label": "KL ×100", "stage": "kl", "task": "heldout", "role": "drift", "scale": 100}]
     cells, methods = {}, {}
